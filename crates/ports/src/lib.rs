@@ -1,1 +1,216 @@
-//! x
+//! The ports of agent-batch: the async traits the application needs from the outside world
+//! (users, categories, preferences, templates, request execution, the clock), each with a typed
+//! error that says whether trying again can help.
+//!
+//! Adapters (`batch-store`, `batch-clients`) implement these traits; `batch-app` depends only on
+//! them. The run and context stores join this crate with the persistence issue.
+#![forbid(unsafe_code)]
+
+use async_trait::async_trait;
+use batch_domain::config::CategorySelection;
+use batch_domain::preference::Preference;
+use batch_domain::retry::FailureKind;
+use batch_domain::{FeatureType, TemplateId, TenantId, UserId};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+/// The source of the current time. Logic asks the clock instead of the system, so tests can
+/// drive time step by step.
+pub trait Clock: Send + Sync {
+    /// The current instant.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The real clock: the system's UTC time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A failure of a repository or remote source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The backing store or service cannot be reached now; trying again later may work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The thing asked for does not exist (for this tenant).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Anything else; the message says what.
+    #[error("unexpected: {0}")]
+    Unexpected(String),
+}
+
+impl SourceError {
+    /// Whether trying again may succeed.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            SourceError::Unavailable(_) => FailureKind::Retryable,
+            SourceError::NotFound(_) | SourceError::Unexpected(_) => FailureKind::Permanent,
+        }
+    }
+}
+
+/// Valid and invalid user ids, as found by [`UserRepository::validate_users`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserValidation {
+    /// Ids that exist and are active for the tenant, in input order.
+    pub valid: Vec<UserId>,
+    /// Ids that do not, in input order.
+    pub invalid: Vec<UserId>,
+}
+
+/// Users of `system_users`.
+#[async_trait]
+pub trait UserRepository: Send + Sync {
+    /// Splits `ids` into valid and invalid users of `tenant`. Implementations query in chunks,
+    /// never one round trip per id.
+    ///
+    /// # Errors
+    /// [`SourceError::Unavailable`] when the store cannot be reached; nothing is partially
+    /// returned.
+    async fn validate_users(
+        &self,
+        tenant: &TenantId,
+        ids: &[UserId],
+    ) -> Result<UserValidation, SourceError>;
+}
+
+/// One item of a category.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CategoryItem {
+    /// The category it belongs to.
+    pub category: String,
+    /// Its key, unique within the category; items are returned in key order.
+    pub key: String,
+    /// Its attributes.
+    pub attributes: Value,
+    /// Users it refers to (for example the watchers of a product).
+    pub user_refs: Vec<UserId>,
+}
+
+/// Categories and their items.
+#[async_trait]
+pub trait CategoryRepository: Send + Sync {
+    /// Items of `selection` for `tenant` after the key `after`, at most `page_size`, in key order.
+    ///
+    /// # Errors
+    /// [`SourceError::NotFound`] for a category the tenant does not have;
+    /// [`SourceError::Unavailable`] when the store cannot be reached.
+    async fn items(
+        &self,
+        tenant: &TenantId,
+        selection: &CategorySelection,
+        after: Option<&str>,
+        page_size: usize,
+    ) -> Result<Vec<CategoryItem>, SourceError>;
+}
+
+/// A page of preferences and where the next one starts.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PreferencePage {
+    /// The preferences of this page.
+    pub preferences: Vec<Preference>,
+    /// Token of the next page; `None` on the last page.
+    pub next_page: Option<String>,
+}
+
+/// User preferences (the Config service, or the database in the embedded default).
+#[async_trait]
+pub trait PreferenceSource: Send + Sync {
+    /// One page of the preferences of `tenant` for `feature`.
+    ///
+    /// # Errors
+    /// [`SourceError::Unavailable`] when the source cannot be reached; callers fall back to
+    /// the job's default preferences and say so.
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        feature: &FeatureType,
+        page_token: Option<&str>,
+        page_size: usize,
+    ) -> Result<PreferencePage, SourceError>;
+
+    /// Preferences changed after `watermark`, and the new watermark.
+    ///
+    /// # Errors
+    /// [`SourceError::Unavailable`] when the source cannot be reached.
+    async fn changes_since(
+        &self,
+        tenant: &TenantId,
+        feature: &FeatureType,
+        watermark: u64,
+    ) -> Result<(Vec<Preference>, u64), SourceError>;
+}
+
+/// An execution template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    /// Its id.
+    pub id: TemplateId,
+    /// Its version.
+    pub version: u32,
+    /// The body rendered with each item's data.
+    pub body: String,
+    /// Parameters used where a request gives none.
+    pub parameter_defaults: Map<String, Value>,
+}
+
+/// Execution templates (the Template service, or files in the embedded default).
+#[async_trait]
+pub trait TemplateSource: Send + Sync {
+    /// The template `id` of `tenant`, at `version` or the latest.
+    ///
+    /// # Errors
+    /// [`SourceError::NotFound`] for an unknown template; [`SourceError::Unavailable`] when the
+    /// source cannot be reached.
+    async fn template(
+        &self,
+        tenant: &TenantId,
+        id: &TemplateId,
+        version: Option<u32>,
+    ) -> Result<Template, SourceError>;
+}
+
+/// One request to the Request service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Stable across retries and restarts (run id + item key): the service executes a key once.
+    pub idempotency_key: String,
+    /// The tenant the request is for.
+    pub tenant: TenantId,
+    /// The user the result belongs to, if any.
+    pub user: Option<UserId>,
+    /// The template to execute.
+    pub template: TemplateId,
+    /// Its version, if pinned.
+    pub template_version: Option<u32>,
+    /// The item data.
+    pub payload: Value,
+    /// Template parameters.
+    pub parameters: Map<String, Value>,
+}
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ExecuteError {
+    /// Whether trying again may succeed.
+    pub kind: FailureKind,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Executes requests (the Request service, or a local rendering executor).
+#[async_trait]
+pub trait RequestExecutor: Send + Sync {
+    /// Executes one request and returns its result.
+    ///
+    /// # Errors
+    /// [`ExecuteError`] whose `kind` says whether the request may be retried.
+    async fn execute(&self, request: Request) -> Result<Value, ExecuteError>;
+}
