@@ -1,1 +1,172 @@
-fn main() {}
+//! Project automation for agent-batch, run as `cargo xtask <command>`:
+//!
+//! * `test` — everything CI checks: formatting, clippy with warnings denied, and every test of
+//!   the workspace (the tidy checks in this crate included);
+//! * `codegen` — rewrites generated files that are committed (`config/jobs.schema.json`);
+//! * `deny` — cargo-deny's licenses, bans and sources checks (advisories need the network).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+#[cfg(test)]
+mod tidy;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("test") => test(&root),
+        Some("codegen") => codegen(&root),
+        Some("deny") => deny(&root),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 test     fmt check, clippy -D warnings, all workspace tests (tidy included)\n  \
+                 codegen  rewrite committed generated files (config/jobs.schema.json)\n  \
+                 deny     cargo deny check licenses bans sources"
+            );
+            bail!("unknown or missing command {:?}", args.first());
+        }
+    }
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs `cargo` with `args` in `root`, failing when it fails.
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("starting cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(root: &Path) -> anyhow::Result<()> {
+    check_postgres()?;
+    cargo(root, &["fmt", "--all", "--", "--check"])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    let (passed, failed) = cargo_test(root, &["test", "--workspace", "--locked"])?;
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    // One closing line for the whole workspace, printed last: cargo prints one per test binary,
+    // the last of which is often an empty doc-test run.
+    println!("{passed} passed, {failed} failed");
+    Ok(())
+}
+
+/// Runs `cargo test` with `args`, echoing its output, and adds up its `test result:` lines.
+fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    eprintln!("$ cargo {}", args.join(" "));
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .current_dir(root)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting cargo {}", args.join(" ")))?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(counts) = line.strip_prefix("test result: ") {
+                passed += count_before(counts, " passed");
+                failed += count_before(counts, " failed");
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok((passed, failed))
+}
+
+/// The number just before `label` in `ok. 50 passed; 0 failed; …`.
+fn count_before(text: &str, label: &str) -> u64 {
+    text.find(label)
+        .and_then(|end| text[..end].rsplit([' ', '.']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The PostgreSQL server tests use. Under CI an unreachable server is an error, not a skip;
+/// on a developer machine it is a warning, and the suites that need it say so.
+fn check_postgres() -> anyhow::Result<()> {
+    let url = std::env::var("BATCH_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let reachable = Command::new("pg_isready")
+        .args(["-d", &url, "-t", "10"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    match (reachable, std::env::var_os("CI").is_some()) {
+        (true, _) => Ok(()),
+        (false, true) => bail!("PostgreSQL at {url} is not answering, and CI requires it"),
+        (false, false) => {
+            eprintln!("warning: PostgreSQL at {url} is not answering");
+            Ok(())
+        }
+    }
+}
+
+/// The path of the committed JSON Schema of the jobs file.
+fn schema_path(root: &Path) -> PathBuf {
+    root.join("config/jobs.schema.json")
+}
+
+/// The JSON Schema of the jobs file as it must be committed: pretty JSON with a final newline.
+fn schema_text() -> anyhow::Result<String> {
+    let schema = batch_domain::config::json_schema();
+    Ok(serde_json::to_string_pretty(&schema).context("encoding the jobs schema")? + "\n")
+}
+
+fn codegen(root: &Path) -> anyhow::Result<()> {
+    let path = schema_path(root);
+    std::fs::write(&path, schema_text()?).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn deny(root: &Path) -> anyhow::Result<()> {
+    let installed = Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !installed {
+        bail!(
+            "cargo-deny is not installed: run `cargo install cargo-deny --locked` (about 6 minutes)"
+        );
+    }
+    cargo(root, &["deny", "check", "licenses", "bans", "sources"])
+}

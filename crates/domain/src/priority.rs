@@ -222,7 +222,7 @@ mod tests {
                 Aging::default(),
             )
         };
-        let mut queue = vec![
+        let mut queue = [
             key("b", due),
             key("a", due),
             key("c", due - Duration::seconds(10)),

@@ -30,7 +30,8 @@ use crate::time::{TimeOfDay, Zone, weekday_name};
 #[derive(Debug, Clone)]
 pub struct CronSpec {
     text: String,
-    schedule: cron::Schedule,
+    /// Shared: the parsed expression is large and schedules are cloned freely.
+    schedule: std::sync::Arc<cron::Schedule>,
     fixed_hour: bool,
 }
 
@@ -69,7 +70,7 @@ impl CronSpec {
         let fixed_hour = !(hour_field.contains('*') || hour_field.contains('/'));
         Ok(CronSpec {
             text: text.to_owned(),
-            schedule,
+            schedule: std::sync::Arc::new(schedule),
             fixed_hour,
         })
     }

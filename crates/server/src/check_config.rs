@@ -111,7 +111,11 @@ fn table(jobs: &[Job], from: DateTime<Utc>, count: usize) -> String {
                 job.id.to_string(),
                 job.batch_type.to_string(),
                 describe(job),
-                if next.is_empty() { "-".to_owned() } else { next },
+                if next.is_empty() {
+                    "-".to_owned()
+                } else {
+                    next
+                },
             ]
         })
         .collect();

@@ -18,9 +18,9 @@ fn example() -> String {
 
 fn temp_file(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("batch-check-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("temp dir is writable");
     let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, text).expect("temp file is writable");
     path
 }
 
@@ -35,7 +35,11 @@ fn json_lists_the_next_fires_of_every_job_in_utc() {
         "--from",
         "2027-03-13T12:00:00Z",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let jobs = report["jobs"].as_array().unwrap();
     assert_eq!(report.as_object().unwrap().len(), 1);
@@ -58,7 +62,10 @@ fn json_lists_the_next_fires_of_every_job_in_utc() {
         }
     }
     // Dynamic jobs show the fires of their default preferences: 07:00 Berlin (CET) = 06:00Z.
-    let briefing = jobs.iter().find(|j| j["id"] == "personal-briefing").unwrap();
+    let briefing = jobs
+        .iter()
+        .find(|j| j["id"] == "personal-briefing")
+        .unwrap();
     assert_eq!(briefing["next"][0], "2027-03-14T06:00:00Z");
 }
 
@@ -105,8 +112,18 @@ fn the_minimal_job_alone_is_a_valid_file() {
         "minimal.json",
         r#"{"jobs": [{"id": "nightly-digest", "tenant": "acme", "type": "INDIVIDUAL_USERS", "template": "digest", "source": {"users": {"ids": ["u1", "u2"]}}, "schedule": {"frequency": "daily", "at": "02:30", "timezone": "America/New_York"}}]}"#,
     );
-    let out = batch_server(&["check-config", file.to_str().unwrap(), "--json", "--from", "2027-11-06T12:00:00Z"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = batch_server(&[
+        "check-config",
+        file.to_str().unwrap(),
+        "--json",
+        "--from",
+        "2027-11-06T12:00:00Z",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         "{\"jobs\":[{\"id\":\"nightly-digest\",\"type\":\"INDIVIDUAL_USERS\",\"next\":[\"2027-11-07T07:30:00Z\"]}]}\n"
@@ -118,7 +135,10 @@ fn unreadable_and_malformed_files_are_named() {
     let out = batch_server(&["check-config", "/nonexistent/jobs.json"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("reading jobs file /nonexistent/jobs.json"), "{stderr}");
+    assert!(
+        stderr.contains("reading jobs file /nonexistent/jobs.json"),
+        "{stderr}"
+    );
 
     let file = temp_file("broken.json", "{\"jobs\": [\n  {\"id\": }\n]}");
     let out = batch_server(&["check-config", file.to_str().unwrap()]);
@@ -131,5 +151,9 @@ fn unreadable_and_malformed_files_are_named() {
 fn a_bad_from_instant_is_a_usage_error() {
     let out = batch_server(&["check-config", &example(), "--from", "yesterday"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8(out.stderr).unwrap().contains("is not an RFC 3339 instant"));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("is not an RFC 3339 instant")
+    );
 }
