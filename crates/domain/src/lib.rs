@@ -13,6 +13,7 @@ pub mod ids;
 pub mod preference;
 pub mod priority;
 pub mod retry;
+pub mod run;
 pub mod schedule;
 pub mod time;
 

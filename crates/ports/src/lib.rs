@@ -3,8 +3,10 @@
 //! error that says whether trying again can help.
 //!
 //! Adapters (`batch-store`, `batch-clients`) implement these traits; `batch-app` depends only on
-//! them. The run and context stores join this crate with the persistence issue.
+//! them.
 #![forbid(unsafe_code)]
+
+pub mod runs;
 
 use async_trait::async_trait;
 use batch_domain::config::CategorySelection;

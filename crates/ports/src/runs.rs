@@ -1,0 +1,266 @@
+//! The durable state of runs: runs with their items, leases, per-chunk outcomes and occurrences.
+
+use async_trait::async_trait;
+use batch_domain::run::{ItemCounts, ItemStatus, Lease, RunId, RunStatus, Trigger};
+use batch_domain::{JobId, Priority, TenantId, UserId};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+/// A failure of the run store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached now (connection refused or lost); retry later. Nothing
+    /// of the failed call was written.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// No such run (for this tenant).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The caller no longer holds the run's lease: another process took it over after it
+    /// expired. The caller must stop working on the run; nothing was written.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    /// The database is used in a way it does not support (a second process on one SQLite
+    /// file, say).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Anything else; the message says what.
+    #[error("unexpected database error: {0}")]
+    Unexpected(String),
+}
+
+/// A run to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// Its id (see [`RunId`]).
+    pub id: RunId,
+    /// The job it runs.
+    pub job: JobId,
+    /// The job's tenant.
+    pub tenant: TenantId,
+    /// Why it exists.
+    pub trigger: Trigger,
+    /// Base priority at creation.
+    pub priority: Priority,
+    /// The nominal instant of a scheduled run.
+    pub scheduled_for: Option<DateTime<Utc>>,
+    /// The occurrence it belongs to, if any.
+    pub occurrence: Option<i64>,
+    /// The run whose context this run's context merges into.
+    pub parent: Option<RunId>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An item to create with its run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewItem {
+    /// Unique within the run (a user id, a category item key, a group key).
+    pub key: String,
+    /// The user the result belongs to, if any.
+    pub user: Option<UserId>,
+    /// `Pending`, or `Invalid` for items rejected by validation.
+    pub status: ItemStatus,
+    /// The data the request is built from.
+    pub payload: Value,
+}
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// Its id.
+    pub id: RunId,
+    /// The job it runs.
+    pub job: JobId,
+    /// The job's tenant.
+    pub tenant: TenantId,
+    /// Where it is in its life.
+    pub status: RunStatus,
+    /// Why it exists.
+    pub trigger: Trigger,
+    /// Base priority.
+    pub priority: Priority,
+    /// The nominal instant of a scheduled run.
+    pub scheduled_for: Option<DateTime<Utc>>,
+    /// The run this one merges into.
+    pub parent: Option<RunId>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was first claimed.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The current lease, if any.
+    pub lease: Option<Lease>,
+}
+
+/// A stored item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRecord {
+    /// Position in the run, for stable keyset paging.
+    pub seq: i64,
+    /// Unique within the run.
+    pub key: String,
+    /// The user the result belongs to.
+    pub user: Option<UserId>,
+    /// Where it is in its life.
+    pub status: ItemStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Not to be attempted before this instant.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// The result of a succeeded item.
+    pub result: Option<Value>,
+    /// The data the request is built from.
+    pub payload: Value,
+}
+
+/// The outcome of one item's attempt, recorded with the rest of its chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemOutcome {
+    /// The item.
+    pub key: String,
+    /// Its new status (`Pending` again for a retry that is scheduled).
+    pub status: ItemStatus,
+    /// Attempts made so far, this one included.
+    pub attempts: u32,
+    /// For a scheduled retry: not before this instant.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The failure, for failed attempts.
+    pub error: Option<String>,
+    /// The result, for a success.
+    pub result: Option<Value>,
+}
+
+/// Whether an occurrence was created by this call or existed already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Occurrence {
+    /// This call created it; the caller starts its run.
+    Created(i64),
+    /// Another caller (or replica) created it first.
+    Existed(i64),
+}
+
+/// The store of runs, items and occurrences. Implementations write item state per chunk in
+/// set-based statements, never one round trip per item.
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// Creates an occurrence of `job` at `nominal` for `group` (empty for static schedules)
+    /// exactly once, however many callers race.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn create_occurrence(
+        &self,
+        job: &JobId,
+        tenant: &TenantId,
+        nominal: DateTime<Utc>,
+        group: &str,
+    ) -> Result<Occurrence, StoreError>;
+
+    /// Creates a run in status `queued` with its items, in set-based statements inside one
+    /// transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Unexpected`] for a duplicate run id or item key; nothing is written.
+    async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError>;
+
+    /// Claims up to `limit` runs that are not ended and have no live lease at `now` (queued
+    /// runs, and running runs whose owner stopped renewing), oldest first, for `owner` until
+    /// `lease_until`. Two concurrent callers never claim the same run.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached;
+    /// [`StoreError::Unsupported`] when another process owns an embedded database.
+    async fn claim_runs(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError>;
+
+    /// Extends `owner`'s lease on `run` to `until`.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease.
+    async fn renew_lease(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Gives the lease on `run` up at once, so another process can resume it (graceful
+    /// shutdown). Releasing a lease one does not hold is a no-op.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError>;
+
+    /// Up to `limit` pending items of `run` whose next attempt is due at `now`, in item order,
+    /// after position `after_seq`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn due_items(
+        &self,
+        run: &RunId,
+        now: DateTime<Utc>,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError>;
+
+    /// Records the outcomes of one chunk in one transaction with a bounded number of
+    /// statements, provided `owner` still holds the run's lease.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease; nothing is written.
+    async fn record_outcomes(
+        &self,
+        run: &RunId,
+        owner: &str,
+        outcomes: &[ItemOutcome],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Ends `run` with `status` and clears its lease, provided `owner` holds it.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease.
+    async fn finish_run(
+        &self,
+        run: &RunId,
+        owner: &str,
+        status: RunStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// The run `run` of `tenant`.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when it does not exist or belongs to another tenant.
+    async fn run(&self, tenant: &TenantId, run: &RunId) -> Result<RunRecord, StoreError>;
+
+    /// Exact counts of the items of `run` by status.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn counts(&self, run: &RunId) -> Result<ItemCounts, StoreError>;
+
+    /// One page of the items of `run` of `tenant`, optionally of one status, after position
+    /// `after_seq`, in item order.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when the run does not exist for `tenant`.
+    async fn list_items(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        status: Option<ItemStatus>,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError>;
+}
