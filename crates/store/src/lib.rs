@@ -1,0 +1,210 @@
+//! sea-orm adapters of agent-batch's ports, over SQLite (the embedded default, one process) and
+//! PostgreSQL (production, many replicas, with PostgreSQL itself as the coordinator).
+//!
+//! [`Store::connect`] opens a database by URL and [`Store::migrate`] brings its schema up to
+//! date. The set-based statements (chunk inserts, chunk outcome updates, lease claims with
+//! `FOR UPDATE SKIP LOCKED`) are written as SQL that both backends accept, with the locking clause
+//! added for PostgreSQL only; the same contract tests run them on both.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
+use batch_ports::runs::StoreError;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, Statement, Value};
+
+mod convert;
+mod runs;
+mod users;
+
+pub use convert::db_error;
+
+/// A database holding the service's state, implementing the store ports.
+#[derive(Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+    /// The SQLite database file, when the backend is a file-backed SQLite database.
+    sqlite_file: Option<PathBuf>,
+    /// Held while this process claims work from a SQLite file: SQLite mode is single-process.
+    process_lock: Mutex<Option<File>>,
+}
+
+/// The file of a `sqlite:` URL, or `None` for in-memory databases and other backends.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.starts_with(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    Some(PathBuf::from(path))
+}
+
+impl Store {
+    /// Opens the database at `url` (`sqlite://data/batch.db?mode=rwc`, `sqlite::memory:`,
+    /// `postgres://user@host/db`). A SQLite file's directory is created when missing.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be opened or reached, naming the
+    /// URL without its password.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let sqlite_file = sqlite_file(url);
+        if let Some(dir) = sqlite_file.as_ref().and_then(|f| f.parent())
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+        }
+        let mut options = ConnectOptions::new(url.to_owned());
+        options
+            .sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(5));
+        if url.starts_with("sqlite:") {
+            // One connection: SQLite has one writer anyway, and in-memory databases exist per
+            // connection.
+            options.max_connections(1).min_connections(1);
+        } else {
+            options.max_connections(16);
+        }
+        let db = Database::connect(options)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("connecting to {}: {e}", redact(url))))?;
+        Ok(Store::from_connection(db, sqlite_file))
+    }
+
+    /// Wraps an open connection (tests use this to observe statements).
+    pub fn from_connection(db: DatabaseConnection, sqlite_file: Option<PathBuf>) -> Store {
+        Store {
+            db,
+            sqlite_file,
+            process_lock: Mutex::new(None),
+        }
+    }
+
+    /// Applies the service's pending migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached; [`StoreError::Unexpected`]
+    /// when a migration fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        Migrator::up(&self.db, None).await.map_err(db_error)
+    }
+
+    /// Creates the tables other systems own in production (users, categories, preferences):
+    /// for the embedded default and for tests.
+    ///
+    /// # Errors
+    /// As [`Store::migrate`].
+    pub async fn migrate_external(&self) -> Result<(), StoreError> {
+        ExternalMigrator::up(&self.db, None).await.map_err(db_error)
+    }
+
+    /// Whether the database answers.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it does not.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await.map_err(db_error)
+    }
+
+    /// The backend of the connection.
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// The underlying connection, for fixtures that load data.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Makes sure this process may claim work. On a SQLite file it takes an exclusive lock on
+    /// `<file>.lock` the first time and keeps it; a second process gets a clear error. The
+    /// operating system releases the lock when the process dies.
+    fn ensure_single_process(&self) -> Result<(), StoreError> {
+        let Some(file) = &self.sqlite_file else {
+            return Ok(());
+        };
+        let mut held = self
+            .process_lock
+            .lock()
+            .map_err(|_| StoreError::Unexpected("process lock poisoned".to_owned()))?;
+        if held.is_some() {
+            return Ok(());
+        }
+        let lock_path = PathBuf::from(format!("{}.lock", file.display()));
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                StoreError::Unavailable(format!("opening {}: {e}", lock_path.display()))
+            })?;
+        match lock_file.try_lock() {
+            Ok(()) => {
+                *held = Some(lock_file);
+                Ok(())
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unsupported(format!(
+                "another process is already working on the SQLite database {}; SQLite mode is \
+                 single-process: stop the other process, or use PostgreSQL to run several replicas",
+                file.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+                "locking {}: {e}",
+                lock_path.display()
+            ))),
+        }
+    }
+
+    /// A statement for this backend.
+    fn statement(&self, sql: &str, values: Vec<Value>) -> Statement {
+        Statement::from_sql_and_values(self.backend(), sql, values)
+    }
+}
+
+/// `url` with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_files_are_found_in_urls() {
+        let check = |url: &str, expected: Option<&str>| {
+            assert_eq!(sqlite_file(url), expected.map(PathBuf::from), "{url}");
+        };
+        check("sqlite://data/batch.db?mode=rwc", Some("data/batch.db"));
+        check("sqlite:///tmp/x.db", Some("/tmp/x.db"));
+        check("sqlite::memory:", None);
+        check("sqlite://file.db?mode=memory", None);
+        check("postgres://postgres@127.0.0.1/test", None);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://data/batch.db"), "sqlite://data/batch.db");
+    }
+}

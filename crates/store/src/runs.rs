@@ -1,0 +1,456 @@
+//! [`RunStore`] over SQLite and PostgreSQL.
+
+use async_trait::async_trait;
+use batch_domain::run::{ItemCounts, ItemStatus, RunId, RunStatus};
+use batch_domain::{JobId, TenantId};
+use batch_ports::runs::{
+    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunRecord, RunStore, StoreError,
+};
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait, Value};
+
+use crate::Store;
+use crate::convert::{ITEM_COLUMNS, RUN_COLUMNS, db_error, item_record, millis, run_record};
+
+/// Rows per multi-row `INSERT`: 8 parameters each stays far below SQLite's 32 766 and
+/// PostgreSQL's 65 535 parameters per statement.
+const INSERT_ROWS: usize = 1_000;
+
+/// Outcomes per `UPDATE … FROM (VALUES …)`: 6 parameters each.
+const OUTCOME_ROWS: usize = 1_000;
+
+/// `($1, $2, …), ($n, …)` for `rows` rows of `width` parameters, numbered from `first`.
+fn placeholders(rows: usize, width: usize, first: usize) -> String {
+    let mut out = String::with_capacity(rows * width * 5);
+    for row in 0..rows {
+        if row > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for column in 0..width {
+            if column > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(first + row * width + column).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
+fn text(s: impl Into<String>) -> Value {
+    Value::String(Some(s.into()))
+}
+
+fn optional_text(s: Option<impl Into<String>>) -> Value {
+    Value::String(s.map(Into::into))
+}
+
+fn big(n: i64) -> Value {
+    Value::BigInt(Some(n))
+}
+
+fn optional_big(n: Option<i64>) -> Value {
+    Value::BigInt(n)
+}
+
+fn json(v: Option<serde_json::Value>) -> Value {
+    Value::Json(v.map(Box::new))
+}
+
+/// The lock clause that lets concurrent claimers pass each other on PostgreSQL. SQLite has a
+/// single writer, and the claim is one statement.
+fn skip_locked(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => " FOR UPDATE SKIP LOCKED",
+        _ => "",
+    }
+}
+
+fn lock_row(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => " FOR UPDATE",
+        _ => "",
+    }
+}
+
+impl Store {
+    async fn lease_held<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        run: &RunId,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "SELECT 1 AS held FROM runs WHERE id = $1 AND lease_owner = $2{}",
+            lock_row(self.backend())
+        );
+        let row = conn
+            .query_one_raw(self.statement(&sql, vec![text(run.as_str()), text(owner)]))
+            .await
+            .map_err(db_error)?;
+        match row {
+            Some(_) => Ok(()),
+            None => Err(StoreError::LeaseLost(format!(
+                "{owner} does not hold the lease on run {run}"
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl RunStore for Store {
+    async fn create_occurrence(
+        &self,
+        job: &JobId,
+        tenant: &TenantId,
+        nominal: DateTime<Utc>,
+        group: &str,
+    ) -> Result<Occurrence, StoreError> {
+        let inserted = self
+            .db
+            .execute_raw(self.statement(
+                "INSERT INTO occurrences (job_id, tenant, nominal_ms, group_key, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (job_id, nominal_ms, group_key) DO NOTHING",
+                vec![
+                    text(job.as_str()),
+                    text(tenant.as_str()),
+                    big(millis(nominal)),
+                    text(group),
+                    big(millis(Utc::now())),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT id FROM occurrences WHERE job_id = $1 AND nominal_ms = $2 AND group_key = $3",
+                vec![text(job.as_str()), big(millis(nominal)), text(group)],
+            ))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| StoreError::Unexpected("occurrence vanished after insert".to_owned()))?;
+        let id: i64 = row.try_get("", "id").map_err(db_error)?;
+        Ok(if inserted == 1 {
+            Occurrence::Created(id)
+        } else {
+            Occurrence::Existed(id)
+        })
+    }
+
+    async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let sql = format!(
+            "INSERT INTO runs ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL)",
+            RUN_COLUMNS
+        );
+        txn.execute_raw(self.statement(
+            &sql,
+            vec![
+                text(run.id.as_str()),
+                text(run.job.as_str()),
+                text(run.tenant.as_str()),
+                text(RunStatus::Queued.as_str()),
+                text(run.trigger.as_str()),
+                Value::SmallInt(Some(i16::from(run.priority.value()))),
+                optional_big(run.scheduled_for.map(millis)),
+                optional_text(run.parent.as_ref().map(RunId::as_str)),
+                big(millis(run.created_at)),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+        if let Some(occurrence) = run.occurrence {
+            txn.execute_raw(self.statement(
+                "UPDATE runs SET occurrence_id = $2 WHERE id = $1",
+                vec![text(run.id.as_str()), big(occurrence)],
+            ))
+            .await
+            .map_err(db_error)?;
+        }
+        let now = millis(run.created_at);
+        let mut seq: i64 = 0;
+        for chunk in items.chunks(INSERT_ROWS) {
+            let sql = format!(
+                "INSERT INTO run_items (run_id, seq, item_key, user_id, tenant, status, payload, updated_ms) VALUES {}",
+                placeholders(chunk.len(), 8, 1)
+            );
+            let mut values = Vec::with_capacity(chunk.len() * 8);
+            for item in chunk {
+                seq += 1;
+                values.extend([
+                    text(run.id.as_str()),
+                    big(seq),
+                    text(item.key.clone()),
+                    optional_text(item.user.as_ref().map(|u| u.as_str().to_owned())),
+                    text(run.tenant.as_str()),
+                    text(item.status.as_str()),
+                    json(Some(item.payload.clone())),
+                    big(now),
+                ]);
+            }
+            txn.execute_raw(self.statement(&sql, values))
+                .await
+                .map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)
+    }
+
+    async fn claim_runs(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        self.ensure_single_process()?;
+        let sql = format!(
+            "UPDATE runs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, \
+                 started_ms = COALESCE(started_ms, $3) \
+             WHERE id IN (SELECT id FROM runs \
+                 WHERE status IN ('queued', 'running') \
+                   AND (lease_expires_ms IS NULL OR lease_expires_ms <= $3) \
+                 ORDER BY priority DESC, created_ms, id LIMIT $4{}) \
+             RETURNING {RUN_COLUMNS}",
+            skip_locked(self.backend())
+        );
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                &sql,
+                vec![
+                    text(owner),
+                    big(millis(lease_until)),
+                    big(millis(now)),
+                    big(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let mut runs = rows.iter().map(run_record).collect::<Result<Vec<_>, _>>()?;
+        runs.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.created_at.cmp(&b.created_at))
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(runs)
+    }
+
+    async fn renew_lease(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let renewed = self
+            .db
+            .execute_raw(self.statement(
+                "UPDATE runs SET lease_expires_ms = $3 \
+                 WHERE id = $1 AND lease_owner = $2 AND status IN ('queued', 'running')",
+                vec![text(run.as_str()), text(owner), big(millis(until))],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        if renewed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost(format!(
+                "{owner} does not hold the lease on run {run}"
+            )))
+        }
+    }
+
+    async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError> {
+        self.db
+            .execute_raw(self.statement(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL \
+                 WHERE id = $1 AND lease_owner = $2",
+                vec![text(run.as_str()), text(owner)],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn due_items(
+        &self,
+        run: &RunId,
+        now: DateTime<Utc>,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {ITEM_COLUMNS} FROM run_items \
+             WHERE run_id = $1 AND status = 'pending' \
+               AND (next_attempt_ms IS NULL OR next_attempt_ms <= $2) AND seq > $3 \
+             ORDER BY seq LIMIT $4"
+        );
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                &sql,
+                vec![
+                    text(run.as_str()),
+                    big(millis(now)),
+                    big(after_seq.unwrap_or(0)),
+                    big(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(item_record).collect()
+    }
+
+    async fn record_outcomes(
+        &self,
+        run: &RunId,
+        owner: &str,
+        outcomes: &[ItemOutcome],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        self.lease_held(&txn, run, owner).await?;
+        for chunk in outcomes.chunks(OUTCOME_ROWS) {
+            // VALUES columns are named column1, column2, … on both backends.
+            let sql = format!(
+                "UPDATE run_items SET status = v.column2, attempts = v.column3, \
+                     next_attempt_ms = v.column4, last_error = v.column5, result = v.column6, \
+                     updated_ms = $2 \
+                 FROM (VALUES {}) AS v \
+                 WHERE run_items.run_id = $1 AND run_items.item_key = v.column1",
+                placeholders(chunk.len(), 6, 3)
+            );
+            let mut values = Vec::with_capacity(2 + chunk.len() * 6);
+            values.extend([text(run.as_str()), big(millis(now))]);
+            for outcome in chunk {
+                values.extend([
+                    text(outcome.key.clone()),
+                    text(outcome.status.as_str()),
+                    Value::Int(Some(i32::try_from(outcome.attempts).unwrap_or(i32::MAX))),
+                    optional_big(outcome.next_attempt_at.map(millis)),
+                    optional_text(outcome.error.clone()),
+                    json(outcome.result.clone()),
+                ]);
+            }
+            txn.execute_raw(self.statement(&sql, values))
+                .await
+                .map_err(db_error)?;
+        }
+        txn.commit().await.map_err(db_error)
+    }
+
+    async fn finish_run(
+        &self,
+        run: &RunId,
+        owner: &str,
+        status: RunStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let finished = self
+            .db
+            .execute_raw(self.statement(
+                "UPDATE runs SET status = $3, finished_ms = $4, lease_owner = NULL, \
+                     lease_expires_ms = NULL \
+                 WHERE id = $1 AND lease_owner = $2",
+                vec![
+                    text(run.as_str()),
+                    text(owner),
+                    text(status.as_str()),
+                    big(millis(now)),
+                ],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        if finished == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost(format!(
+                "{owner} does not hold the lease on run {run}"
+            )))
+        }
+    }
+
+    async fn run(&self, tenant: &TenantId, run: &RunId) -> Result<RunRecord, StoreError> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND tenant = $2");
+        let row = self
+            .db
+            .query_one_raw(self.statement(&sql, vec![text(run.as_str()), text(tenant.as_str())]))
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| StoreError::NotFound(format!("run {run}")))?;
+        run_record(&row)
+    }
+
+    async fn counts(&self, run: &RunId) -> Result<ItemCounts, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT status, COUNT(*) AS n FROM run_items WHERE run_id = $1 GROUP BY status",
+                vec![text(run.as_str())],
+            ))
+            .await
+            .map_err(db_error)?;
+        let mut counts = ItemCounts::default();
+        for row in rows {
+            let status: String = row.try_get("", "status").map_err(db_error)?;
+            let n: i64 = row.try_get("", "n").map_err(db_error)?;
+            let status: ItemStatus = status
+                .parse()
+                .map_err(|e| StoreError::Unexpected(format!("stored item status: {e}")))?;
+            counts.add(status, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(counts)
+    }
+
+    async fn list_items(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        status: Option<ItemStatus>,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError> {
+        // Another tenant's run answers exactly like a missing one.
+        self.run(tenant, run).await?;
+        let mut values = vec![
+            text(run.as_str()),
+            big(after_seq.unwrap_or(0)),
+            big(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        let status_filter = match status {
+            Some(status) => {
+                values.push(text(status.as_str()));
+                " AND status = $4"
+            }
+            None => "",
+        };
+        let sql = format!(
+            "SELECT {ITEM_COLUMNS} FROM run_items \
+             WHERE run_id = $1 AND seq > $2{status_filter} ORDER BY seq LIMIT $3"
+        );
+        let rows = self
+            .db
+            .query_all_raw(self.statement(&sql, values))
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(item_record).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placeholders;
+
+    #[test]
+    fn placeholders_number_rows_and_columns() {
+        assert_eq!(placeholders(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(1, 2, 3), "($3, $4)");
+    }
+}

@@ -1,0 +1,64 @@
+//! [`UserRepository`] over the `system_users` table.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use batch_domain::{TenantId, UserId};
+use batch_ports::{SourceError, UserRepository, UserValidation};
+use sea_orm::{ConnectionTrait, Value};
+
+use crate::Store;
+use crate::convert::db_error;
+
+/// Ids per `IN (…)` query.
+const VALIDATE_CHUNK: usize = 1_000;
+
+fn source_error(e: batch_ports::runs::StoreError) -> SourceError {
+    match e {
+        batch_ports::runs::StoreError::Unavailable(m) => SourceError::Unavailable(m),
+        other => SourceError::Unexpected(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl UserRepository for Store {
+    async fn validate_users(
+        &self,
+        tenant: &TenantId,
+        ids: &[UserId],
+    ) -> Result<UserValidation, SourceError> {
+        let mut found: HashSet<String> = HashSet::with_capacity(ids.len());
+        for chunk in ids.chunks(VALIDATE_CHUNK) {
+            let list = (0..chunk.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT user_id FROM system_users \
+                 WHERE tenant = $1 AND active = TRUE AND user_id IN ({list})"
+            );
+            let mut values = vec![Value::String(Some(tenant.as_str().to_owned()))];
+            values.extend(
+                chunk
+                    .iter()
+                    .map(|id| Value::String(Some(id.as_str().to_owned()))),
+            );
+            let rows = self
+                .db
+                .query_all_raw(self.statement(&sql, values))
+                .await
+                .map_err(|e| source_error(db_error(e)))?;
+            for row in rows {
+                let id: String = row
+                    .try_get("", "user_id")
+                    .map_err(|e| source_error(db_error(e)))?;
+                found.insert(id);
+            }
+        }
+        let (valid, invalid) = ids
+            .iter()
+            .cloned()
+            .partition(|id| found.contains(id.as_str()));
+        Ok(UserValidation { valid, invalid })
+    }
+}

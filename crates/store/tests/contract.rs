@@ -1,0 +1,640 @@
+//! The repository contract suite: every test runs against SQLite (`sqlite::…`) and PostgreSQL
+//! (`postgres::…`) on a fresh database of its own.
+
+// The suite's steps are plain functions called by the generated tests; a failed step should
+// panic right there.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
+use batch_domain::{JobId, Priority, TenantId, UserId};
+use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
+use batch_ports::UserRepository;
+use batch_ports::runs::{ItemOutcome, NewItem, NewRun, Occurrence, RunStore, StoreError};
+use batch_store::Store;
+use batch_testkit::{Backend, TestDatabase, Unavailable};
+use chrono::{DateTime, Duration, Utc};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::json;
+
+/// A migrated store on a fresh database, or `None` when the backend is unavailable outside CI.
+async fn fresh(backend: Backend) -> Option<(TestDatabase, Store)> {
+    let db = match TestDatabase::create(backend).await {
+        Ok(db) => db,
+        Err(Unavailable::Skip(why)) => {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+    };
+    let store = Store::connect(&db.url).await.expect("store connects");
+    store.migrate().await.expect("migrations apply");
+    store
+        .migrate_external()
+        .await
+        .expect("external migrations apply");
+    Some((db, store))
+}
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2027-03-14T07:00:00Z")
+        .unwrap()
+        .to_utc()
+}
+
+fn tenant(name: &str) -> TenantId {
+    TenantId::parse(name).unwrap()
+}
+
+fn new_run(id: &str, tenant_name: &str, created: DateTime<Utc>) -> NewRun {
+    NewRun {
+        id: RunId::parse(id).unwrap(),
+        job: JobId::parse("job-a").unwrap(),
+        tenant: tenant(tenant_name),
+        trigger: Trigger::Scheduled,
+        priority: Priority::NORMAL,
+        scheduled_for: Some(created),
+        occurrence: None,
+        parent: None,
+        created_at: created,
+    }
+}
+
+fn items(n: usize) -> Vec<NewItem> {
+    (0..n)
+        .map(|i| NewItem {
+            key: format!("item-{i:06}"),
+            user: Some(UserId::parse(format!("u{i}")).unwrap()),
+            status: if i % 10 == 9 {
+                ItemStatus::Invalid
+            } else {
+                ItemStatus::Pending
+            },
+            payload: json!({ "n": i }),
+        })
+        .collect()
+}
+
+async fn migrations_apply_from_empty_and_roll_back(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let conn = store.connection();
+    ExternalMigrator::down(conn, None)
+        .await
+        .expect("external down");
+    Migrator::down(conn, None).await.expect("down");
+    let gone = conn.execute_unprepared("SELECT COUNT(*) FROM runs").await;
+    assert!(gone.is_err(), "runs table still exists after down");
+    Migrator::up(conn, None).await.expect("up again");
+    ExternalMigrator::up(conn, None)
+        .await
+        .expect("external up again");
+    store
+        .create_run(new_run("r1", "acme", t0()), items(3))
+        .await
+        .expect("schema usable after re-applying");
+}
+
+async fn runs_and_items_round_trip_with_exact_counts(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    store
+        .create_run(new_run("r1", "acme", t0()), items(2_500))
+        .await
+        .unwrap();
+    let run = store
+        .run(&tenant("acme"), &RunId::parse("r1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Queued);
+    assert_eq!(run.scheduled_for, Some(t0()));
+    assert_eq!(run.lease, None);
+    let counts = store.counts(&run.id).await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.invalid, counts.total()),
+        (2_250, 250, 2_500)
+    );
+
+    // Keyset pages cover every item once, in order.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_items(&tenant("acme"), &run.id, None, after, 700)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|i| i.seq);
+        seen.extend(page.into_iter().map(|i| i.key));
+    }
+    assert_eq!(seen.len(), 2_500);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    let invalid = store
+        .list_items(
+            &tenant("acme"),
+            &run.id,
+            Some(ItemStatus::Invalid),
+            None,
+            1_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(invalid.len(), 250);
+    assert_eq!(invalid[0].payload, json!({ "n": 9 }));
+
+    // Another tenant's run answers like a missing one.
+    for result in [
+        store.run(&tenant("globex"), &run.id).await.map(|_| ()),
+        store
+            .list_items(&tenant("globex"), &run.id, None, None, 10)
+            .await
+            .map(|_| ()),
+    ] {
+        assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
+    }
+}
+
+async fn claim_is_exclusive(backend: Backend) {
+    let Some((db, store)) = fresh(backend).await else {
+        return;
+    };
+    for i in 0..30 {
+        store
+            .create_run(
+                new_run(&format!("r{i:02}"), "acme", t0() + Duration::seconds(i)),
+                items(1),
+            )
+            .await
+            .unwrap();
+    }
+    // Separate stores are separate connection pools, as replicas would have on PostgreSQL;
+    // SQLite is single-process, so its claimers share one store.
+    let second = match backend {
+        Backend::Postgres => Arc::new(Store::connect(&db.url).await.unwrap()),
+        Backend::Sqlite => Arc::new(store),
+    };
+    let first = match backend {
+        Backend::Postgres => Arc::new(Store::connect(&db.url).await.unwrap()),
+        Backend::Sqlite => second.clone(),
+    };
+    let claim = |store: Arc<Store>, owner: &'static str| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = store
+                    .claim_runs(owner, t0(), t0() + Duration::seconds(60), 3)
+                    .await
+                    .unwrap();
+                if claimed.is_empty() {
+                    return mine;
+                }
+                mine.extend(claimed.into_iter().map(|r| {
+                    assert_eq!(r.lease.as_ref().map(|l| l.owner.as_str()), Some(owner));
+                    assert_eq!(r.status, RunStatus::Running);
+                    r.id
+                }));
+            }
+        })
+    };
+    let (a, b) = (claim(first, "a"), claim(second, "b"));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let a_set: HashSet<_> = a.iter().collect();
+    assert!(
+        b.iter().all(|id| !a_set.contains(id)),
+        "a run was claimed twice"
+    );
+    assert_eq!(a.len() + b.len(), 30);
+}
+
+async fn claims_go_by_priority_then_age(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let mut low = new_run("old-low", "acme", t0());
+    low.priority = Priority::LOW;
+    let mut high = new_run("new-high", "acme", t0() + Duration::seconds(5));
+    high.priority = Priority::HIGH;
+    store.create_run(low, items(1)).await.unwrap();
+    store.create_run(high, items(1)).await.unwrap();
+    store
+        .create_run(new_run("mid", "acme", t0()), items(1))
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_runs("a", t0(), t0() + Duration::seconds(30), 2)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["new-high", "mid"]);
+}
+
+async fn an_expired_lease_is_reclaimed_and_a_live_one_is_not(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    store
+        .create_run(new_run("r1", "acme", t0()), items(5))
+        .await
+        .unwrap();
+    let lease = Duration::seconds(30);
+    let claimed = store.claim_runs("a", t0(), t0() + lease, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let id = claimed[0].id.clone();
+    // Live: nobody else gets it.
+    assert!(
+        store
+            .claim_runs(
+                "b",
+                t0() + Duration::seconds(29),
+                t0() + Duration::seconds(59),
+                10
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Expired: b takes it over, and a is fenced off.
+    let rescued = store
+        .claim_runs("b", t0() + lease, t0() + Duration::seconds(90), 10)
+        .await
+        .unwrap();
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].started_at, Some(t0()), "first start is kept");
+    let outcome = ItemOutcome {
+        key: "item-000000".to_owned(),
+        status: ItemStatus::Succeeded,
+        attempts: 1,
+        next_attempt_at: None,
+        error: None,
+        result: Some(json!("done")),
+    };
+    let lost = store
+        .record_outcomes(&id, "a", std::slice::from_ref(&outcome), t0())
+        .await;
+    assert!(matches!(lost, Err(StoreError::LeaseLost(_))), "{lost:?}");
+    assert!(matches!(
+        store
+            .renew_lease(&id, "a", t0() + Duration::seconds(120))
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        store.finish_run(&id, "a", RunStatus::Succeeded, t0()).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert_eq!(
+        store.counts(&id).await.unwrap().succeeded,
+        0,
+        "a fenced write changed nothing"
+    );
+    store
+        .record_outcomes(&id, "b", &[outcome], t0())
+        .await
+        .unwrap();
+    assert_eq!(store.counts(&id).await.unwrap().succeeded, 1);
+}
+
+async fn a_renewed_lease_is_never_rescued(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    store
+        .create_run(new_run("r1", "acme", t0()), items(1))
+        .await
+        .unwrap();
+    let lease = Duration::seconds(30);
+    let id = store.claim_runs("a", t0(), t0() + lease, 1).await.unwrap()[0]
+        .id
+        .clone();
+    // A long run: a renews every 10 s for a simulated day; b keeps trying.
+    for step in 1..=8_640 / 10 {
+        let now = t0() + Duration::seconds(step * 10);
+        store.renew_lease(&id, "a", now + lease).await.unwrap();
+        let stolen = store
+            .claim_runs("b", now + Duration::seconds(5), now + lease, 1)
+            .await
+            .unwrap();
+        assert!(stolen.is_empty(), "rescued a healthy run at step {step}");
+    }
+}
+
+async fn a_released_lease_is_resumed_at_once(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    store
+        .create_run(new_run("r1", "acme", t0()), items(1))
+        .await
+        .unwrap();
+    let id = store
+        .claim_runs("a", t0(), t0() + Duration::seconds(300), 1)
+        .await
+        .unwrap()[0]
+        .id
+        .clone();
+    store.release_lease(&id, "a").await.unwrap();
+    let resumed = store
+        .claim_runs(
+            "b",
+            t0() + Duration::seconds(1),
+            t0() + Duration::seconds(60),
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].lease.as_ref().unwrap().owner, "b");
+}
+
+async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend) {
+    let Some((db, store)) = fresh(backend).await else {
+        return;
+    };
+    drop(store);
+    let statements = Arc::new(AtomicUsize::new(0));
+    let mut conn = Database::connect(db.url.as_str()).await.unwrap();
+    let counter = statements.clone();
+    conn.set_metric_callback(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    let store = Store::from_connection(conn, None);
+    // 1 111 items, every tenth invalid: 1 000 to execute.
+    store
+        .create_run(new_run("r1", "acme", t0()), items(1_111))
+        .await
+        .unwrap();
+    let id = RunId::parse("r1").unwrap();
+    store
+        .claim_runs("a", t0(), t0() + Duration::seconds(60), 1)
+        .await
+        .unwrap();
+    let due = store.due_items(&id, t0(), None, 2_000).await.unwrap();
+    assert_eq!(due.len(), 1_000, "invalid items are never due");
+    let outcomes: Vec<ItemOutcome> = due
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match i % 3 {
+            0 => ItemOutcome {
+                key: item.key.clone(),
+                status: ItemStatus::Succeeded,
+                attempts: 1,
+                next_attempt_at: None,
+                error: None,
+                result: Some(json!({ "text": format!("result {i}") })),
+            },
+            1 => ItemOutcome {
+                key: item.key.clone(),
+                status: ItemStatus::Pending,
+                attempts: 1,
+                next_attempt_at: Some(t0() + Duration::seconds(10)),
+                error: Some("unavailable".to_owned()),
+                result: None,
+            },
+            _ => ItemOutcome {
+                key: item.key.clone(),
+                status: ItemStatus::Failed,
+                attempts: 1,
+                next_attempt_at: None,
+                error: Some("bad input".to_owned()),
+                result: None,
+            },
+        })
+        .collect();
+    let before = statements.load(Ordering::SeqCst);
+    store
+        .record_outcomes(&id, "a", &outcomes, t0())
+        .await
+        .unwrap();
+    let used = statements.load(Ordering::SeqCst) - before;
+    // The lease check and one UPDATE … FROM (VALUES …) (transaction control is not counted).
+    assert!(used <= 3, "1 000 outcomes took {used} statements");
+
+    let counts = store.counts(&id).await.unwrap();
+    assert_eq!(
+        (
+            counts.succeeded,
+            counts.pending,
+            counts.failed,
+            counts.invalid
+        ),
+        (334, 333, 333, 111)
+    );
+    // Retries are due only once their time has come.
+    assert!(
+        store
+            .due_items(&id, t0() + Duration::seconds(9), None, 2_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let retry = store
+        .due_items(&id, t0() + Duration::seconds(10), None, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(retry.len(), 333);
+    assert_eq!(retry[0].attempts, 1);
+    assert_eq!(retry[0].last_error.as_deref(), Some("unavailable"));
+    let done = store
+        .list_items(&tenant("acme"), &id, Some(ItemStatus::Succeeded), None, 1)
+        .await
+        .unwrap();
+    assert_eq!(done[0].result, Some(json!({ "text": "result 0" })));
+
+    store
+        .finish_run(&id, "a", RunStatus::CompletedWithFailures, t0())
+        .await
+        .unwrap();
+    let run = store.run(&tenant("acme"), &id).await.unwrap();
+    assert_eq!(
+        (run.status, run.lease, run.finished_at),
+        (RunStatus::CompletedWithFailures, None, Some(t0()))
+    );
+    assert!(
+        store
+            .claim_runs("b", t0() + Duration::days(1), t0() + Duration::days(2), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an ended run is never claimed"
+    );
+}
+
+async fn an_occurrence_is_created_once(backend: Backend) {
+    let Some((db, store)) = fresh(backend).await else {
+        return;
+    };
+    let job = JobId::parse("job-a").unwrap();
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        // On PostgreSQL each racer has its own pool, like a replica.
+        let store = match backend {
+            Backend::Postgres => Arc::new(Store::connect(&db.url).await.unwrap()),
+            Backend::Sqlite => store.clone(),
+        };
+        let job = job.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .create_occurrence(&job, &tenant("acme"), t0(), "")
+                .await
+                .unwrap()
+        }));
+    }
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Occurrence::Created(id) => {
+                created += 1;
+                ids.insert(id);
+            }
+            Occurrence::Existed(id) => {
+                ids.insert(id);
+            }
+        }
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+    let other_group = store
+        .create_occurrence(&job, &tenant("acme"), t0(), "09:00@Europe/Berlin")
+        .await
+        .unwrap();
+    let later = store
+        .create_occurrence(&job, &tenant("acme"), t0() + Duration::hours(1), "")
+        .await
+        .unwrap();
+    assert!(matches!(other_group, Occurrence::Created(_)));
+    assert!(matches!(later, Occurrence::Created(_)));
+}
+
+async fn users_are_validated_in_chunks(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    // 2 500 users of acme, every fifth inactive, plus globex users with the same ids.
+    let conn = store.connection();
+    for tenant_name in ["acme", "globex"] {
+        for chunk in (0..2_500).collect::<Vec<_>>().chunks(500) {
+            let rows = chunk
+                .iter()
+                .map(|i| {
+                    let active = if tenant_name == "acme" && i % 5 != 4 {
+                        "TRUE"
+                    } else {
+                        "FALSE"
+                    };
+                    format!("('{tenant_name}', 'u{i}', {active})")
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            conn.execute_unprepared(&format!(
+                "INSERT INTO system_users (tenant, user_id, active) VALUES {rows}"
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    let ids: Vec<UserId> = (0..3_000)
+        .map(|i| UserId::parse(format!("u{i}")).unwrap())
+        .collect();
+    let result = store.validate_users(&tenant("acme"), &ids).await.unwrap();
+    assert_eq!((result.valid.len(), result.invalid.len()), (2_000, 1_000));
+    assert_eq!(result.valid[0].as_str(), "u0");
+    assert_eq!(result.invalid[0].as_str(), "u4");
+    let none = store
+        .validate_users(&tenant("globex"), &ids[..10])
+        .await
+        .unwrap();
+    assert_eq!(none.invalid.len(), 10, "inactive users are invalid");
+}
+
+async fn a_database_that_went_away_is_unavailable(backend: Backend) {
+    let url = match backend {
+        Backend::Sqlite => "sqlite:///proc/self/status/batch.db?mode=rwc".to_owned(),
+        Backend::Postgres => "postgres://postgres@127.0.0.1:1/none".to_owned(),
+    };
+    match Store::connect(&url).await {
+        Err(StoreError::Unavailable(message)) => assert!(!message.is_empty()),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+macro_rules! contract_suite {
+    ($($test:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(batch_testkit::Backend::Sqlite).await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(batch_testkit::Backend::Postgres).await;
+                }
+            )+
+        }
+    };
+}
+
+contract_suite!(
+    migrations_apply_from_empty_and_roll_back,
+    runs_and_items_round_trip_with_exact_counts,
+    claim_is_exclusive,
+    claims_go_by_priority_then_age,
+    an_expired_lease_is_reclaimed_and_a_live_one_is_not,
+    a_renewed_lease_is_never_rescued,
+    a_released_lease_is_resumed_at_once,
+    a_chunk_of_outcomes_is_written_with_bounded_statements,
+    an_occurrence_is_created_once,
+    users_are_validated_in_chunks,
+    a_database_that_went_away_is_unavailable,
+);
+
+#[tokio::test]
+async fn a_second_process_on_one_sqlite_file_cannot_claim_work() {
+    let Some((db, first)) = fresh(Backend::Sqlite).await else {
+        return;
+    };
+    first
+        .create_run(new_run("r1", "acme", t0()), items(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        first
+            .claim_runs("a", t0(), t0() + Duration::seconds(30), 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let second = Store::connect(&db.url).await.unwrap();
+    match second
+        .claim_runs("b", t0() + Duration::hours(1), t0() + Duration::hours(2), 1)
+        .await
+    {
+        Err(StoreError::Unsupported(message)) => {
+            assert!(message.contains("single-process"), "{message}");
+            assert!(message.contains("PostgreSQL"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(first);
+    // Once the first process is gone, the second may work.
+    assert_eq!(
+        second
+            .claim_runs("b", t0() + Duration::hours(1), t0() + Duration::hours(2), 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
