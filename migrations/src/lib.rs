@@ -16,6 +16,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_create_runs;
 mod m20261128_000002_create_external;
+mod m20261128_000003_create_contexts;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -24,7 +25,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261128_000001_create_runs::Migration)]
+        vec![
+            Box::new(m20261128_000001_create_runs::Migration),
+            Box::new(m20261128_000003_create_contexts::Migration),
+        ]
     }
 }
 

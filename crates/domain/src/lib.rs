@@ -9,6 +9,7 @@
 
 pub mod batch_type;
 pub mod config;
+pub mod context;
 pub mod ids;
 pub mod preference;
 pub mod priority;

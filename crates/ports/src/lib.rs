@@ -6,6 +6,7 @@
 //! them.
 #![forbid(unsafe_code)]
 
+pub mod contexts;
 pub mod runs;
 
 use async_trait::async_trait;

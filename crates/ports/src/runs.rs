@@ -115,6 +115,8 @@ pub struct ItemRecord {
     pub result: Option<Value>,
     /// The data the request is built from.
     pub payload: Value,
+    /// What was sent for this item (template, version, parameters, idempotency key).
+    pub request_context: Option<Value>,
 }
 
 /// The outcome of one item's attempt, recorded with the rest of its chunk.
@@ -132,6 +134,8 @@ pub struct ItemOutcome {
     pub error: Option<String>,
     /// The result, for a success.
     pub result: Option<Value>,
+    /// What was sent (template, version, parameters, idempotency key).
+    pub request_context: Option<Value>,
 }
 
 /// Whether an occurrence was created by this call or existed already.

@@ -102,8 +102,8 @@ pub(crate) fn run_record(row: &QueryResult) -> Result<RunRecord, StoreError> {
 }
 
 /// The columns [`item_record`] reads.
-pub(crate) const ITEM_COLUMNS: &str =
-    "seq, item_key, user_id, status, attempts, next_attempt_ms, last_error, result, payload";
+pub(crate) const ITEM_COLUMNS: &str = "seq, item_key, user_id, status, attempts, next_attempt_ms, last_error, result, payload, \
+     request_context";
 
 pub(crate) fn item_record(row: &QueryResult) -> Result<ItemRecord, StoreError> {
     Ok(ItemRecord {
@@ -121,5 +121,6 @@ pub(crate) fn item_record(row: &QueryResult) -> Result<ItemRecord, StoreError> {
         last_error: get(row, "last_error")?,
         result: get(row, "result")?,
         payload: get(row, "payload")?,
+        request_context: get(row, "request_context")?,
     })
 }

@@ -16,7 +16,7 @@ use crate::convert::{ITEM_COLUMNS, RUN_COLUMNS, db_error, item_record, millis, r
 /// PostgreSQL's 65 535 parameters per statement.
 const INSERT_ROWS: usize = 1_000;
 
-/// Outcomes per `UPDATE … FROM (VALUES …)`: 6 parameters each.
+/// Outcomes per `UPDATE … FROM (VALUES …)`: 7 parameters each.
 const OUTCOME_ROWS: usize = 1_000;
 
 /// `($1, $2, …), ($n, …)` for `rows` rows of `width` parameters, numbered from `first`.
@@ -321,12 +321,13 @@ impl RunStore for Store {
             let sql = format!(
                 "UPDATE run_items SET status = v.column2, attempts = v.column3, \
                      next_attempt_ms = v.column4, last_error = v.column5, result = v.column6, \
+                     request_context = COALESCE(v.column7, run_items.request_context), \
                      updated_ms = $2 \
                  FROM (VALUES {}) AS v \
                  WHERE run_items.run_id = $1 AND run_items.item_key = v.column1",
-                placeholders(chunk.len(), 6, 3)
+                placeholders(chunk.len(), 7, 3)
             );
-            let mut values = Vec::with_capacity(2 + chunk.len() * 6);
+            let mut values = Vec::with_capacity(2 + chunk.len() * 7);
             values.extend([text(run.as_str()), big(millis(now))]);
             for outcome in chunk {
                 values.extend([
@@ -336,6 +337,7 @@ impl RunStore for Store {
                     optional_big(outcome.next_attempt_at.map(millis)),
                     optional_text(outcome.error.clone()),
                     json(outcome.result.clone()),
+                    json(outcome.request_context.clone()),
                 ]);
             }
             txn.execute_raw(self.statement(&sql, values))

@@ -9,10 +9,12 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use batch_domain::context::{BatchContext, Progress};
 use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::UserRepository;
+use batch_ports::contexts::{ContextStore, ReferenceCursor};
 use batch_ports::runs::{ItemOutcome, NewItem, NewRun, Occurrence, RunStore, StoreError};
 use batch_store::Store;
 use batch_testkit::{Backend, TestDatabase, Unavailable};
@@ -273,6 +275,7 @@ async fn an_expired_lease_is_reclaimed_and_a_live_one_is_not(backend: Backend) {
         next_attempt_at: None,
         error: None,
         result: Some(json!("done")),
+        request_context: Some(json!({"idempotency_key": "r1:item-000000"})),
     };
     let lost = store
         .record_outcomes(&id, "a", std::slice::from_ref(&outcome), t0())
@@ -387,6 +390,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
                 next_attempt_at: None,
                 error: None,
                 result: Some(json!({ "text": format!("result {i}") })),
+                request_context: Some(json!({ "key": item.key })),
             },
             1 => ItemOutcome {
                 key: item.key.clone(),
@@ -395,6 +399,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
                 next_attempt_at: Some(t0() + Duration::seconds(10)),
                 error: Some("unavailable".to_owned()),
                 result: None,
+                request_context: None,
             },
             _ => ItemOutcome {
                 key: item.key.clone(),
@@ -403,6 +408,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
                 next_attempt_at: None,
                 error: Some("bad input".to_owned()),
                 result: None,
+                request_context: None,
             },
         })
         .collect();
@@ -445,6 +451,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
         .await
         .unwrap();
     assert_eq!(done[0].result, Some(json!({ "text": "result 0" })));
+    assert_eq!(done[0].request_context, Some(json!({ "key": done[0].key })));
 
     store
         .finish_run(&id, "a", RunStatus::CompletedWithFailures, t0())
@@ -564,6 +571,118 @@ async fn a_database_that_went_away_is_unavailable(backend: Backend) {
     }
 }
 
+async fn contexts_are_saved_merged_and_scoped_to_their_tenant(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let (parent, child) = (
+        RunId::parse("parent").unwrap(),
+        RunId::parse("child").unwrap(),
+    );
+    let mut context = BatchContext::default();
+    context.metadata.run_id = "parent".to_owned();
+    context.items.valid.push("u1");
+    context.progress = Progress::new(1, 0, 1, 1);
+    store
+        .save_context(&tenant("acme"), &parent, &context, t0())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.context(&tenant("acme"), &parent).await.unwrap(),
+        context
+    );
+    assert!(matches!(
+        store.context(&tenant("globex"), &parent).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let mut other = context.clone();
+    other.metadata.run_id = "child".to_owned();
+    other.progress = Progress::new(2, 1, 3, 4);
+    store
+        .save_context(&tenant("acme"), &child, &other, t0())
+        .await
+        .unwrap();
+    let merged = store
+        .merge_into_parent(&tenant("acme"), &parent, &child, t0())
+        .await
+        .unwrap();
+    let again = store
+        .merge_into_parent(&tenant("acme"), &parent, &child, t0())
+        .await
+        .unwrap();
+    assert_eq!(merged, again, "merging twice changes nothing");
+    assert_eq!(merged.progress, Progress::new(3, 1, 4, 5));
+    assert_eq!(merged.children, ["child"]);
+    assert_eq!(
+        store.context(&tenant("acme"), &parent).await.unwrap(),
+        merged
+    );
+    assert!(
+        store
+            .merge_into_parent(&tenant("globex"), &parent, &child, t0())
+            .await
+            .is_err()
+    );
+}
+
+async fn references_are_handed_out_once_and_paged_newest_first(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let job = JobId::parse("job-a").unwrap();
+    let users: Vec<UserId> = (0..1_500)
+        .map(|i| UserId::parse(format!("u{i}")).unwrap())
+        .collect();
+    for i in 0..5 {
+        let run = RunId::parse(format!("run-{i}")).unwrap();
+        let added = store
+            .add_references(
+                &tenant("acme"),
+                &job,
+                &run,
+                &users,
+                t0() + Duration::minutes(i),
+            )
+            .await
+            .unwrap();
+        assert_eq!(added, 1_500);
+    }
+    let again = store
+        .add_references(
+            &tenant("acme"),
+            &job,
+            &RunId::parse("run-0").unwrap(),
+            &users[..10],
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "a user keeps one reference per run");
+    let user = UserId::parse("u7").unwrap();
+    let mut runs = Vec::new();
+    let mut cursor: Option<ReferenceCursor> = None;
+    loop {
+        let page = store
+            .references(&tenant("acme"), &user, cursor.as_ref(), 2)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = Some(ReferenceCursor {
+            created_at: last.created_at,
+            run: last.run.clone(),
+        });
+        runs.extend(page.iter().map(|r| r.run.to_string()));
+    }
+    assert_eq!(runs, ["run-4", "run-3", "run-2", "run-1", "run-0"]);
+    assert!(
+        store
+            .references(&tenant("globex"), &user, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -597,6 +716,8 @@ contract_suite!(
     an_occurrence_is_created_once,
     users_are_validated_in_chunks,
     a_database_that_went_away_is_unavailable,
+    contexts_are_saved_merged_and_scoped_to_their_tenant,
+    references_are_handed_out_once_and_paged_newest_first,
 );
 
 #[tokio::test]
