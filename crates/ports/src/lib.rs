@@ -92,14 +92,27 @@ pub struct CategoryItem {
     pub key: String,
     /// Its attributes.
     pub attributes: Value,
-    /// Users it refers to (for example the watchers of a product).
-    pub user_refs: Vec<UserId>,
+    /// Users it refers to (for example the watchers of a product), as stored: validate them
+    /// with [`UserRepository::validate_users`]; text that is not a user id counts as invalid.
+    pub user_refs: Vec<String>,
+}
+
+/// A page of category items.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ItemPage {
+    /// The items, in key order.
+    pub items: Vec<CategoryItem>,
+    /// Set when the source was unavailable and this page is the last good copy, fetched at
+    /// this instant.
+    pub stale_since: Option<DateTime<Utc>>,
 }
 
 /// Categories and their items.
 #[async_trait]
 pub trait CategoryRepository: Send + Sync {
-    /// Items of `selection` for `tenant` after the key `after`, at most `page_size`, in key order.
+    /// Items of `selection` for `tenant` whose key is after `after`, at most `page_size`, in a
+    /// stable key order. The selection's filters and its `limit` hold across pages: a page never
+    /// goes past the limit counted from the first item.
     ///
     /// # Errors
     /// [`SourceError::NotFound`] for a category the tenant does not have;
@@ -110,7 +123,7 @@ pub trait CategoryRepository: Send + Sync {
         selection: &CategorySelection,
         after: Option<&str>,
         page_size: usize,
-    ) -> Result<Vec<CategoryItem>, SourceError>;
+    ) -> Result<ItemPage, SourceError>;
 }
 
 /// A page of preferences and where the next one starts.
@@ -120,6 +133,9 @@ pub struct PreferencePage {
     pub preferences: Vec<Preference>,
     /// Token of the next page; `None` on the last page.
     pub next_page: Option<String>,
+    /// Set when the source was unavailable and this page is the last good copy, fetched at
+    /// this instant.
+    pub stale_since: Option<DateTime<Utc>>,
 }
 
 /// User preferences (the Config service, or the database in the embedded default).

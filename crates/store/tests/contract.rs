@@ -9,17 +9,18 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use batch_domain::config::{CategorySelection, Source};
 use batch_domain::context::{BatchContext, Progress};
 use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
-use batch_ports::UserRepository;
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
 use batch_ports::runs::{ItemOutcome, NewItem, NewRun, Occurrence, RunStore, StoreError};
+use batch_ports::{CategoryRepository, UserRepository};
 use batch_store::Store;
 use batch_testkit::{Backend, TestDatabase, Unavailable};
 use chrono::{DateTime, Duration, Utc};
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::json;
 
 /// A migrated store on a fresh database, or `None` when the backend is unavailable outside CI.
@@ -683,6 +684,141 @@ async fn references_are_handed_out_once_and_paged_newest_first(backend: Backend)
     );
 }
 
+/// Loads categories `products` (acme) and `news` (globex) with the given items.
+async fn load_categories(store: &Store) {
+    let conn = store.connection();
+    let backend = conn.get_database_backend();
+    for (tenant_name, name) in [("acme", "products"), ("globex", "news")] {
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            "INSERT INTO categories (tenant, name) VALUES ($1, $2)",
+            [tenant_name.into(), name.into()],
+        ))
+        .await
+        .unwrap();
+    }
+    let regions = ["eu", "us", "apac"];
+    for i in 0..60 {
+        let attributes = json!({
+            "status": if i % 4 == 0 { "archived" } else { "active" },
+            "price": if i == 7 { json!("call us") } else { json!(i * 10) },
+            "region": regions[i % 3],
+            "featured": i % 5 == 0,
+            "name": format!("product {i:02}"),
+        });
+        let refs = json!([format!("u{i}"), "not a user id"]);
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            "INSERT INTO category_items (tenant, category, item_key, attributes, user_refs) \
+             VALUES ($1, $2, $3, $4, $5)",
+            [
+                "acme".into(),
+                "products".into(),
+                format!("p{i:03}").into(),
+                sea_orm::Value::Json(Some(Box::new(attributes))),
+                sea_orm::Value::Json(Some(Box::new(refs))),
+            ],
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+fn selection(filters: serde_json::Value, limit: Option<u64>) -> CategorySelection {
+    let mut job = json!({
+        "id": "j", "tenant": "acme", "type": "INDIVIDUAL_CATEGORIES", "template": "t",
+        "source": {"category": {"name": "products", "filters": filters}}
+    });
+    if let Some(limit) = limit {
+        job["source"]["category"]["limit"] = json!(limit);
+    }
+    match batch_domain::config::parse_job(job).unwrap().source {
+        Source::Category(selection) => selection,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn keys(
+    store: &Store,
+    filters: serde_json::Value,
+    limit: Option<u64>,
+    page: usize,
+) -> Vec<String> {
+    let selection = selection(filters, limit);
+    let mut keys = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .items(&tenant("acme"), &selection, after.as_deref(), page)
+            .await
+            .unwrap();
+        assert_eq!(page.stale_since, None);
+        let Some(last) = page.items.last() else { break };
+        after = Some(last.key.clone());
+        keys.extend(page.items.into_iter().map(|i| i.key));
+    }
+    keys
+}
+
+async fn category_items_are_filtered_limited_and_paged(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    load_categories(&store).await;
+    let all = keys(&store, json!({}), None, 7).await;
+    assert_eq!(all.len(), 60);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "stable key order");
+    let count = |filters: serde_json::Value| {
+        let store = &store;
+        async move { keys(store, filters, None, 1_000).await.len() }
+    };
+    assert_eq!(count(json!({"status": "active"})).await, 45);
+    assert_eq!(count(json!({"featured": true})).await, 12);
+    assert_eq!(count(json!({"price": 100})).await, 1);
+    assert_eq!(count(json!({"region": {"in": ["eu", "us"]}})).await, 40);
+    // "call us" is not a number: numeric ranges skip it instead of failing.
+    assert_eq!(count(json!({"price": {"gte": 0, "lt": 100}})).await, 9);
+    assert_eq!(count(json!({"name": {"gte": "product 50"}})).await, 10);
+    assert_eq!(
+        count(json!({"key": {"in": ["p001", "p002", "zzz"]}})).await,
+        2
+    );
+    assert_eq!(count(json!({"key": {"gt": "p049"}})).await, 10);
+    assert_eq!(
+        count(json!({"status": "active", "region": "eu", "price": {"gt": 300}})).await,
+        7
+    );
+    // The limit holds across pages.
+    let limited = keys(&store, json!({"status": "active"}), Some(10), 3).await;
+    assert_eq!(limited.len(), 10);
+    assert_eq!(
+        limited,
+        keys(&store, json!({"status": "active"}), None, 1_000).await[..10]
+    );
+    // Items carry their user references as stored.
+    let page = store
+        .items(
+            &tenant("acme"),
+            &selection(json!({"key": "p003"}), None),
+            None,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.items[0].user_refs, ["u3", "not a user id"]);
+    assert_eq!(page.items[0].attributes["region"], "eu");
+    // Missing and foreign categories are not found.
+    for tenant_name in ["globex", "nobody"] {
+        let result = store
+            .items(&tenant(tenant_name), &selection(json!({}), None), None, 10)
+            .await;
+        assert!(
+            matches!(result, Err(batch_ports::SourceError::NotFound(_))),
+            "{result:?}"
+        );
+    }
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -718,6 +854,7 @@ contract_suite!(
     a_database_that_went_away_is_unavailable,
     contexts_are_saved_merged_and_scoped_to_their_tenant,
     references_are_handed_out_once_and_paged_newest_first,
+    category_items_are_filtered_limited_and_paged,
 );
 
 #[tokio::test]
