@@ -11,12 +11,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use batch_domain::config::{CategorySelection, Source};
 use batch_domain::context::{BatchContext, Progress};
+use batch_domain::preference::{Frequency, Preference, PreferenceDefaults, group_by_next_fire};
 use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
+use batch_domain::{FeatureType, TemplateId, TimeOfDay};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
 use batch_ports::runs::{ItemOutcome, NewItem, NewRun, Occurrence, RunStore, StoreError};
-use batch_ports::{CategoryRepository, UserRepository};
+use batch_ports::{CategoryRepository, PreferenceSource, UserRepository};
 use batch_store::Store;
 use batch_testkit::{Backend, TestDatabase, Unavailable};
 use chrono::{DateTime, Duration, Utc};
@@ -819,6 +821,105 @@ async fn category_items_are_filtered_limited_and_paged(backend: Backend) {
     }
 }
 
+fn preference(user: &str, time: Option<&str>, zone: Option<&str>) -> Preference {
+    Preference {
+        tenant: tenant("acme"),
+        user: UserId::parse(user).unwrap(),
+        feature_type: FeatureType::parse("digest").unwrap(),
+        frequency: Some(Frequency::Daily),
+        time_of_day: time.map(|t| TimeOfDay::parse(t).unwrap()),
+        time_zone: zone.map(str::to_owned),
+        weekday: Some(chrono::Weekday::Fri),
+        day_of_month: Some(31),
+        template_override: Some(TemplateId::parse("short").unwrap()),
+        parameters: json!({"length": 3}).as_object().unwrap().clone(),
+        enabled: true,
+        version: 1,
+    }
+}
+
+async fn preferences_are_paged_and_changes_follow_a_watermark(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let zones = ["Europe/Berlin", "America/New_York", "Mars/Base"];
+    let prefs: Vec<Preference> = (0..250)
+        .map(|i| {
+            preference(
+                &format!("u{i:03}"),
+                Some(["08:00", "09:30"][i % 2]),
+                Some(zones[i % 3]),
+            )
+        })
+        .collect();
+    store.upsert_preferences(&prefs).await.unwrap();
+    let feature = FeatureType::parse("digest").unwrap();
+    let mut listed = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = store
+            .list(&tenant("acme"), &feature, token.as_deref(), 100)
+            .await
+            .unwrap();
+        listed.extend(page.preferences);
+        match page.next_page {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        listed, prefs,
+        "every preference comes back as written, in user order"
+    );
+    let (all, watermark) = store
+        .changes_since(&tenant("acme"), &feature, 0)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 250);
+    assert!(
+        store
+            .changes_since(&tenant("acme"), &feature, watermark)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+
+    let mut changed = vec![prefs[3].clone(), prefs[4].clone()];
+    changed[0].time_of_day = Some(TimeOfDay::parse("18:00").unwrap());
+    changed[1].enabled = false;
+    store.upsert_preferences(&changed).await.unwrap();
+    let (changes, next_mark) = store
+        .changes_since(&tenant("acme"), &feature, watermark)
+        .await
+        .unwrap();
+    assert!(next_mark > watermark);
+    assert_eq!(changes.len(), 2);
+    assert_eq!(
+        changes[0].time_of_day,
+        Some(TimeOfDay::parse("18:00").unwrap())
+    );
+    assert!(!changes[1].enabled);
+    assert_eq!(changes[1].version, 2);
+    // The stored preferences group like any others; the bad zone falls back and says so.
+    let grouping = group_by_next_fire(&listed, &PreferenceDefaults::default(), t0());
+    assert_eq!(grouping.fallbacks.len(), 83);
+    assert!(
+        store
+            .list(&tenant("globex"), &feature, None, 10)
+            .await
+            .unwrap()
+            .preferences
+            .is_empty()
+    );
+    assert!(
+        store
+            .list(&tenant("acme"), &feature, Some("not-hex"), 10)
+            .await
+            .is_err()
+    );
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -855,6 +956,7 @@ contract_suite!(
     contexts_are_saved_merged_and_scoped_to_their_tenant,
     references_are_handed_out_once_and_paged_newest_first,
     category_items_are_filtered_limited_and_paged,
+    preferences_are_paged_and_changes_follow_a_watermark,
 );
 
 #[tokio::test]
