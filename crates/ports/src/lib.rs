@@ -233,3 +233,40 @@ pub trait RequestExecutor: Send + Sync {
     /// [`ExecuteError`] whose `kind` says whether the request may be retried.
     async fn execute(&self, request: Request) -> Result<Value, ExecuteError>;
 }
+
+/// A shared repository is a repository: decorators and services can hold `Arc`s.
+#[async_trait]
+impl<T: CategoryRepository + ?Sized> CategoryRepository for std::sync::Arc<T> {
+    async fn items(
+        &self,
+        tenant: &TenantId,
+        selection: &CategorySelection,
+        after: Option<&str>,
+        page_size: usize,
+    ) -> Result<ItemPage, SourceError> {
+        (**self).items(tenant, selection, after, page_size).await
+    }
+}
+
+/// A shared preference source is a preference source.
+#[async_trait]
+impl<T: PreferenceSource + ?Sized> PreferenceSource for std::sync::Arc<T> {
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        feature: &FeatureType,
+        page_token: Option<&str>,
+        page_size: usize,
+    ) -> Result<PreferencePage, SourceError> {
+        (**self).list(tenant, feature, page_token, page_size).await
+    }
+
+    async fn changes_since(
+        &self,
+        tenant: &TenantId,
+        feature: &FeatureType,
+        watermark: u64,
+    ) -> Result<(Vec<Preference>, u64), SourceError> {
+        (**self).changes_since(tenant, feature, watermark).await
+    }
+}

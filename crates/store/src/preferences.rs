@@ -83,7 +83,7 @@ fn encode_token(user: &str) -> String {
 
 fn decode_token(token: &str) -> Result<String, SourceError> {
     let bad = || SourceError::Unexpected(format!("page token {token:?} is not valid"));
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes = (0..token.len())

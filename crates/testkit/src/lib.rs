@@ -1,11 +1,15 @@
 //! Dev-only helpers for agent-batch's tests. Nothing that ships depends on this crate (a tidy
 //! test checks it).
 //!
+//! [`fakes`] holds stateful in-memory fakes of the ports; [`ManualClock`] is a clock tests move.
+//!
 //! [`TestDatabase`] creates a throwaway database for one test: a SQLite file in a fresh
 //! temporary directory, or a fresh PostgreSQL database on the server named by
 //! `BATCH_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`), dropped again
 //! when the fixture is dropped.
 #![forbid(unsafe_code)]
+
+pub mod fakes;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -132,5 +136,38 @@ impl Drop for TestDatabase {
             })
             .join();
         }
+    }
+}
+
+/// A clock that only moves when told to: tests drive time step by step.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: std::sync::Mutex<chrono::DateTime<chrono::Utc>>,
+}
+
+impl ManualClock {
+    /// A clock standing at `now`.
+    pub fn new(now: chrono::DateTime<chrono::Utc>) -> Self {
+        ManualClock {
+            now: std::sync::Mutex::new(now),
+        }
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: chrono::Duration) {
+        let mut now = self
+            .now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *now += by;
+    }
+}
+
+impl batch_ports::Clock for ManualClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        *self
+            .now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
