@@ -17,6 +17,7 @@ use sea_orm_migration::prelude::*;
 mod m20261128_000001_create_runs;
 mod m20261128_000002_create_external;
 mod m20261128_000003_create_contexts;
+mod m20261128_000004_item_leases;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261128_000001_create_runs::Migration),
             Box::new(m20261128_000003_create_contexts::Migration),
+            Box::new(m20261128_000004_item_leases::Migration),
         ]
     }
 }

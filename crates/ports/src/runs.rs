@@ -217,11 +217,28 @@ pub trait RunStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError>;
 
-    /// Records the outcomes of one chunk in one transaction with a bounded number of
-    /// statements, provided `owner` still holds the run's lease.
+    /// Claims up to `limit` pending items of `run` that are due at `now` and not leased to
+    /// anyone else (or whose lease expired), in item order, for `owner` until `lease_until`.
+    /// Concurrent claimers, on any replica, never get the same item.
     ///
     /// # Errors
-    /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease; nothing is written.
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn claim_items(
+        &self,
+        run: &RunId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError>;
+
+    /// Records the outcomes of one chunk and releases the items' leases, in one transaction
+    /// with a bounded number of statements (one per thousand outcomes), provided `owner` still
+    /// holds the lease of every item in `outcomes`.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `owner` no longer holds some item's lease (another
+    /// claimer took it over after it expired); nothing is written.
     async fn record_outcomes(
         &self,
         run: &RunId,

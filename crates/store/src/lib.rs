@@ -81,6 +81,21 @@ impl Store {
         Ok(Store::from_connection(db, sqlite_file))
     }
 
+    /// Opens the database at `url` and applies pending migrations: the service's own, and with
+    /// `external` also the stand-in tables of other systems (the embedded default). This is how
+    /// `sqlite://data/batch.db?mode=rwc` is created and migrated on first use.
+    ///
+    /// # Errors
+    /// As [`Store::connect`] and [`Store::migrate`].
+    pub async fn open(url: &str, external: bool) -> Result<Store, StoreError> {
+        let store = Store::connect(url).await?;
+        store.migrate().await?;
+        if external {
+            store.migrate_external().await?;
+        }
+        Ok(store)
+    }
+
     /// Wraps an open connection (tests use this to observe statements).
     pub fn from_connection(db: DatabaseConnection, sqlite_file: Option<PathBuf>) -> Store {
         Store {

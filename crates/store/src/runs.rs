@@ -68,37 +68,6 @@ fn skip_locked(backend: DbBackend) -> &'static str {
     }
 }
 
-fn lock_row(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::Postgres => " FOR UPDATE",
-        _ => "",
-    }
-}
-
-impl Store {
-    async fn lease_held<C: ConnectionTrait>(
-        &self,
-        conn: &C,
-        run: &RunId,
-        owner: &str,
-    ) -> Result<(), StoreError> {
-        let sql = format!(
-            "SELECT 1 AS held FROM runs WHERE id = $1 AND lease_owner = $2{}",
-            lock_row(self.backend())
-        );
-        let row = conn
-            .query_one_raw(self.statement(&sql, vec![text(run.as_str()), text(owner)]))
-            .await
-            .map_err(db_error)?;
-        match row {
-            Some(_) => Ok(()),
-            None => Err(StoreError::LeaseLost(format!(
-                "{owner} does not hold the lease on run {run}"
-            ))),
-        }
-    }
-}
-
 #[async_trait]
 impl RunStore for Store {
     async fn create_occurrence(
@@ -208,13 +177,16 @@ impl RunStore for Store {
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError> {
         self.ensure_single_process()?;
+        // A materialized CTE picks the rows once: PostgreSQL may evaluate an `IN (SELECT …
+        // LIMIT … SKIP LOCKED)` subquery more than once and so lock more rows than the limit.
         let sql = format!(
-            "UPDATE runs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, \
-                 started_ms = COALESCE(started_ms, $3) \
-             WHERE id IN (SELECT id FROM runs \
+            "WITH picked AS MATERIALIZED (SELECT id AS pick_id FROM runs \
                  WHERE status IN ('queued', 'running') \
                    AND (lease_expires_ms IS NULL OR lease_expires_ms <= $3) \
                  ORDER BY priority DESC, created_ms, id LIMIT $4{}) \
+             UPDATE runs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, \
+                 started_ms = COALESCE(started_ms, $3) \
+             FROM picked WHERE runs.id = picked.pick_id \
              RETURNING {RUN_COLUMNS}",
             skip_locked(self.backend())
         );
@@ -307,6 +279,47 @@ impl RunStore for Store {
         rows.iter().map(item_record).collect()
     }
 
+    async fn claim_items(
+        &self,
+        run: &RunId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError> {
+        let sql = format!(
+            "WITH picked AS MATERIALIZED (SELECT seq AS pick_seq FROM run_items \
+                 WHERE run_id = $1 AND status = 'pending' \
+                   AND (next_attempt_ms IS NULL OR next_attempt_ms <= $4) \
+                   AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4) \
+                 ORDER BY seq LIMIT $5{}) \
+             UPDATE run_items SET lease_owner = $2, lease_expires_ms = $3 \
+             FROM picked WHERE run_items.run_id = $1 AND run_items.seq = picked.pick_seq \
+             RETURNING {ITEM_COLUMNS}",
+            skip_locked(self.backend())
+        );
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                &sql,
+                vec![
+                    text(run.as_str()),
+                    text(owner),
+                    big(millis(lease_until)),
+                    big(millis(now)),
+                    big(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        let mut items = rows
+            .iter()
+            .map(item_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        items.sort_by_key(|item| item.seq);
+        Ok(items)
+    }
+
     async fn record_outcomes(
         &self,
         run: &RunId,
@@ -315,20 +328,22 @@ impl RunStore for Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin().await.map_err(db_error)?;
-        self.lease_held(&txn, run, owner).await?;
         for chunk in outcomes.chunks(OUTCOME_ROWS) {
-            // VALUES columns are named column1, column2, … on both backends.
+            // VALUES columns are named column1, column2, … on both backends. The lease test in
+            // the WHERE clause fences off a claimer whose lease was taken over: it updates fewer
+            // rows than it sent, and the transaction is rolled back.
             let sql = format!(
                 "UPDATE run_items SET status = v.column2, attempts = v.column3, \
                      next_attempt_ms = v.column4, last_error = v.column5, result = v.column6, \
                      request_context = COALESCE(v.column7, run_items.request_context), \
-                     updated_ms = $2 \
+                     lease_owner = NULL, lease_expires_ms = NULL, updated_ms = $2 \
                  FROM (VALUES {}) AS v \
-                 WHERE run_items.run_id = $1 AND run_items.item_key = v.column1",
-                placeholders(chunk.len(), 7, 3)
+                 WHERE run_items.run_id = $1 AND run_items.item_key = v.column1 \
+                   AND run_items.lease_owner = $3",
+                placeholders(chunk.len(), 7, 4)
             );
-            let mut values = Vec::with_capacity(2 + chunk.len() * 7);
-            values.extend([text(run.as_str()), big(millis(now))]);
+            let mut values = Vec::with_capacity(3 + chunk.len() * 7);
+            values.extend([text(run.as_str()), big(millis(now)), text(owner)]);
             for outcome in chunk {
                 values.extend([
                     text(outcome.key.clone()),
@@ -340,9 +355,18 @@ impl RunStore for Store {
                     json(outcome.request_context.clone()),
                 ]);
             }
-            txn.execute_raw(self.statement(&sql, values))
+            let updated = txn
+                .execute_raw(self.statement(&sql, values))
                 .await
-                .map_err(db_error)?;
+                .map_err(db_error)?
+                .rows_affected();
+            if updated != u64::try_from(chunk.len()).unwrap_or(u64::MAX) {
+                txn.rollback().await.map_err(db_error)?;
+                return Err(StoreError::LeaseLost(format!(
+                    "{owner} holds the lease of only {updated} of {} items of run {run}",
+                    chunk.len()
+                )));
+            }
         }
         txn.commit().await.map_err(db_error)
     }

@@ -264,26 +264,13 @@ async fn an_expired_lease_is_reclaimed_and_a_live_one_is_not(backend: Backend) {
             .unwrap()
             .is_empty()
     );
-    // Expired: b takes it over, and a is fenced off.
+    // Expired: b takes it over, and a can no longer renew or finish it.
     let rescued = store
         .claim_runs("b", t0() + lease, t0() + Duration::seconds(90), 10)
         .await
         .unwrap();
     assert_eq!(rescued.len(), 1);
     assert_eq!(rescued[0].started_at, Some(t0()), "first start is kept");
-    let outcome = ItemOutcome {
-        key: "item-000000".to_owned(),
-        status: ItemStatus::Succeeded,
-        attempts: 1,
-        next_attempt_at: None,
-        error: None,
-        result: Some(json!("done")),
-        request_context: Some(json!({"idempotency_key": "r1:item-000000"})),
-    };
-    let lost = store
-        .record_outcomes(&id, "a", std::slice::from_ref(&outcome), t0())
-        .await;
-    assert!(matches!(lost, Err(StoreError::LeaseLost(_))), "{lost:?}");
     assert!(matches!(
         store
             .renew_lease(&id, "a", t0() + Duration::seconds(120))
@@ -294,16 +281,122 @@ async fn an_expired_lease_is_reclaimed_and_a_live_one_is_not(backend: Backend) {
         store.finish_run(&id, "a", RunStatus::Succeeded, t0()).await,
         Err(StoreError::LeaseLost(_))
     ));
+}
+
+async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    store
+        .create_run(new_run("r1", "acme", t0()), items(5))
+        .await
+        .unwrap();
+    let id = RunId::parse("r1").unwrap();
+    let lease = Duration::seconds(30);
+    let mine = store
+        .claim_items(&id, "a", t0(), t0() + lease, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        mine.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
+        ["item-000000", "item-000001"]
+    );
+    // While a's lease lives, b gets the other items only.
+    let others = store
+        .claim_items(&id, "b", t0() + Duration::seconds(1), t0() + lease, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        others.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
+        ["item-000002", "item-000003"]
+    );
+    // After it expires, b takes a's items over; a's late outcomes are refused whole.
+    let taken = store
+        .claim_items(&id, "b", t0() + lease, t0() + lease * 2, 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 5, "every lease has expired, b's own included");
+    let outcome = |key: &str| ItemOutcome {
+        key: key.to_owned(),
+        status: ItemStatus::Succeeded,
+        attempts: 1,
+        next_attempt_at: None,
+        error: None,
+        result: Some(json!("done")),
+        request_context: Some(json!({"idempotency_key": format!("r1:{key}")})),
+    };
+    let late = [outcome("item-000000"), outcome("item-000001")];
+    let lost = store.record_outcomes(&id, "a", &late, t0() + lease).await;
+    assert!(matches!(lost, Err(StoreError::LeaseLost(_))), "{lost:?}");
     assert_eq!(
         store.counts(&id).await.unwrap().succeeded,
         0,
         "a fenced write changed nothing"
     );
+    // A mixed chunk (one item still b's, one not) is refused whole too.
+    let mixed = [outcome("item-000002"), outcome("item-000000")];
+    assert!(store.record_outcomes(&id, "a", &mixed, t0()).await.is_err());
     store
-        .record_outcomes(&id, "b", &[outcome], t0())
+        .record_outcomes(&id, "b", &late, t0() + lease)
         .await
         .unwrap();
-    assert_eq!(store.counts(&id).await.unwrap().succeeded, 1);
+    assert_eq!(store.counts(&id).await.unwrap().succeeded, 2);
+    // Recorded items are released and no longer pending: nobody claims them again.
+    let again = store
+        .claim_items(
+            &id,
+            "c",
+            t0() + Duration::days(1),
+            t0() + Duration::days(2),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
+        ["item-000002", "item-000003", "item-000004"]
+    );
+}
+
+async fn concurrent_item_claimers_never_get_the_same_item(backend: Backend) {
+    let Some((db, store)) = fresh(backend).await else {
+        return;
+    };
+    store
+        .create_run(new_run("r1", "acme", t0()), items(5_000))
+        .await
+        .unwrap();
+    let shared = Arc::new(store);
+    let mut tasks = Vec::new();
+    for owner in ["a", "b", "c"] {
+        let store = match backend {
+            Backend::Postgres => Arc::new(Store::connect(&db.url).await.unwrap()),
+            Backend::Sqlite => shared.clone(),
+        };
+        tasks.push(tokio::spawn(async move {
+            let id = RunId::parse("r1").unwrap();
+            let mut mine = Vec::new();
+            loop {
+                let chunk = store
+                    .claim_items(&id, owner, t0(), t0() + Duration::seconds(60), 100)
+                    .await
+                    .unwrap();
+                if chunk.is_empty() {
+                    return mine;
+                }
+                mine.extend(chunk.into_iter().map(|i| i.seq));
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for task in tasks {
+        for seq in task.await.unwrap() {
+            total += 1;
+            assert!(seen.insert(seq), "item {seq} was claimed twice");
+        }
+    }
+    assert_eq!(total, 4_500, "every pending item once; invalid ones never");
 }
 
 async fn a_renewed_lease_is_never_rescued(backend: Backend) {
@@ -380,7 +473,10 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
         .claim_runs("a", t0(), t0() + Duration::seconds(60), 1)
         .await
         .unwrap();
-    let due = store.due_items(&id, t0(), None, 2_000).await.unwrap();
+    let due = store
+        .claim_items(&id, "a", t0(), t0() + Duration::seconds(60), 2_000)
+        .await
+        .unwrap();
     assert_eq!(due.len(), 1_000, "invalid items are never due");
     let outcomes: Vec<ItemOutcome> = due
         .iter()
@@ -421,8 +517,8 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
         .await
         .unwrap();
     let used = statements.load(Ordering::SeqCst) - before;
-    // The lease check and one UPDATE … FROM (VALUES …) (transaction control is not counted).
-    assert!(used <= 3, "1 000 outcomes took {used} statements");
+    // One UPDATE … FROM (VALUES …) (transaction control is not counted).
+    assert!(used <= 2, "1 000 outcomes took {used} statements");
 
     let counts = store.counts(&id).await.unwrap();
     assert_eq!(
@@ -947,6 +1043,8 @@ contract_suite!(
     claim_is_exclusive,
     claims_go_by_priority_then_age,
     an_expired_lease_is_reclaimed_and_a_live_one_is_not,
+    an_expired_item_lease_fences_off_its_old_holder,
+    concurrent_item_claimers_never_get_the_same_item,
     a_renewed_lease_is_never_rescued,
     a_released_lease_is_resumed_at_once,
     a_chunk_of_outcomes_is_written_with_bounded_statements,
@@ -958,6 +1056,39 @@ contract_suite!(
     category_items_are_filtered_limited_and_paged,
     preferences_are_paged_and_changes_follow_a_watermark,
 );
+
+#[tokio::test]
+async fn the_embedded_database_is_created_and_migrated_on_first_use() {
+    let dir = std::env::temp_dir().join(format!("batch-embedded-{}", uuid_like()));
+    let url = format!("sqlite://{}/nested/data/batch.db?mode=rwc", dir.display());
+    let store = Store::open(&url, true).await.unwrap();
+    store
+        .create_run(new_run("r1", "acme", t0()), items(3))
+        .await
+        .unwrap();
+    drop(store);
+    // Opening again applies nothing new and keeps the data.
+    let store = Store::open(&url, true).await.unwrap();
+    assert_eq!(
+        store
+            .counts(&RunId::parse("r1").unwrap())
+            .await
+            .unwrap()
+            .total(),
+        3
+    );
+    assert!(dir.join("nested/data/batch.db").exists());
+    drop(store);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    )
+}
 
 #[tokio::test]
 async fn a_second_process_on_one_sqlite_file_cannot_claim_work() {
