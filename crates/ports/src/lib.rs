@@ -10,27 +10,36 @@ pub mod contexts;
 pub mod runs;
 
 use async_trait::async_trait;
-use batch_domain::config::CategorySelection;
+use batch_domain::config::{CategorySelection, Filter};
 use batch_domain::preference::Preference;
 use batch_domain::retry::FailureKind;
 use batch_domain::{FeatureType, TemplateId, TenantId, UserId};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-/// The source of the current time. Logic asks the clock instead of the system, so tests can
-/// drive time step by step.
+/// The source of the current time, and of waiting. Logic asks the clock instead of the
+/// system, so tests can drive time step by step (a manual clock's `sleep` just moves it on).
+#[async_trait]
 pub trait Clock: Send + Sync {
     /// The current instant.
     fn now(&self) -> DateTime<Utc>;
+
+    /// Waits for `duration` of this clock's time.
+    async fn sleep(&self, duration: std::time::Duration);
 }
 
-/// The real clock: the system's UTC time.
+/// The real clock: the system's UTC time and tokio's timer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
+#[async_trait]
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
+    }
+
+    async fn sleep(&self, duration: std::time::Duration) {
+        tokio::time::sleep(duration).await;
     }
 }
 
@@ -81,6 +90,19 @@ pub trait UserRepository: Send + Sync {
         tenant: &TenantId,
         ids: &[UserId],
     ) -> Result<UserValidation, SourceError>;
+
+    /// Active users of `tenant` matching every filter (field `key` is the user id, other fields
+    /// are attributes), after `after` in id order, at most `limit`.
+    ///
+    /// # Errors
+    /// [`SourceError::Unavailable`] when the store cannot be reached.
+    async fn find_users(
+        &self,
+        tenant: &TenantId,
+        filters: &[Filter],
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<UserId>, SourceError>;
 }
 
 /// One item of a category.

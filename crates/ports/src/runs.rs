@@ -186,6 +186,19 @@ pub trait RunStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError>;
 
+    /// Claims the run `run` for `owner` until `lease_until` if it has not ended and has no live
+    /// lease at `now`; `None` otherwise.
+    ///
+    /// # Errors
+    /// As [`RunStore::claim_runs`].
+    async fn claim_run(
+        &self,
+        run: &RunId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<RunRecord>, StoreError>;
+
     /// Extends `owner`'s lease on `run` to `until`.
     ///
     /// # Errors
@@ -246,6 +259,19 @@ pub trait RunStore: Send + Sync {
         outcomes: &[ItemOutcome],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+
+    /// The earliest instant at which a pending item of `run` is due (`None` when no item is
+    /// pending). Items whose lease is live count from their lease's expiry.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn next_due(&self, run: &RunId) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Marks every pending item of `run` cancelled, set-based, and returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn cancel_pending(&self, run: &RunId, now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Ends `run` with `status` and clears its lease, provided `owner` holds it.
     ///

@@ -12,13 +12,15 @@ use crate::Store;
 use crate::convert::db_error;
 
 /// Builds a `WHERE` clause, numbering parameters as it binds them.
-struct Sql {
-    backend: DbBackend,
-    values: Vec<Value>,
+pub(crate) struct Sql {
+    pub(crate) backend: DbBackend,
+    pub(crate) values: Vec<Value>,
+    /// The typed column that filter field `key` names (`item_key`, `user_id`).
+    pub(crate) key_column: &'static str,
 }
 
 impl Sql {
-    fn bind(&mut self, value: Value) -> String {
+    pub(crate) fn bind(&mut self, value: Value) -> String {
         self.values.push(value);
         format!("${}", self.values.len())
     }
@@ -48,7 +50,7 @@ impl Sql {
     }
 
     /// The SQL of one condition.
-    fn condition(&mut self, filter: &Filter) -> String {
+    pub(crate) fn condition(&mut self, filter: &Filter) -> String {
         if filter.field == "key" {
             return self.key_condition(&filter.condition);
         }
@@ -122,21 +124,22 @@ impl Sql {
     }
 
     fn key_condition(&mut self, condition: &Condition) -> String {
+        let key = self.key_column;
         match condition {
             Condition::Eq(v) => {
                 let p = self.bind(Self::key_text(v));
-                format!("item_key = {p}")
+                format!("{key} = {p}")
             }
             Condition::In(list) => {
                 let ps: Vec<String> = list.iter().map(|v| self.bind(Self::key_text(v))).collect();
-                format!("item_key IN ({})", ps.join(", "))
+                format!("{key} IN ({})", ps.join(", "))
             }
             Condition::Range { gt, gte, lt, lte } => {
                 let mut parts = Vec::new();
                 for (op, bound) in [(">", gt), (">=", gte), ("<", lt), ("<=", lte)] {
                     if let Some(bound) = bound {
                         let p = self.bind(Self::key_text(bound));
-                        parts.push(format!("item_key {op} {p}"));
+                        parts.push(format!("{key} {op} {p}"));
                     }
                 }
                 parts.join(" AND ")
@@ -179,6 +182,7 @@ impl CategoryRepository for Store {
             )));
         }
         let mut sql = Sql {
+            key_column: "item_key",
             backend: self.backend(),
             values: vec![
                 Value::String(Some(tenant.as_str().to_owned())),

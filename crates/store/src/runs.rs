@@ -213,6 +213,37 @@ impl RunStore for Store {
         Ok(runs)
     }
 
+    async fn claim_run(
+        &self,
+        run: &RunId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.ensure_single_process()?;
+        let sql = format!(
+            "UPDATE runs SET status = 'running', lease_owner = $2, lease_expires_ms = $3, \
+                 started_ms = COALESCE(started_ms, $4) \
+             WHERE id = $1 AND status IN ('queued', 'running') \
+               AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4) \
+             RETURNING {RUN_COLUMNS}"
+        );
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                &sql,
+                vec![
+                    text(run.as_str()),
+                    text(owner),
+                    big(millis(lease_until)),
+                    big(millis(now)),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(run_record).transpose()
+    }
+
     async fn renew_lease(
         &self,
         run: &RunId,
@@ -369,6 +400,39 @@ impl RunStore for Store {
             }
         }
         txn.commit().await.map_err(db_error)
+    }
+
+    async fn next_due(&self, run: &RunId) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT MIN(CASE \
+                     WHEN lease_expires_ms IS NOT NULL AND lease_expires_ms > COALESCE(next_attempt_ms, 0) \
+                     THEN lease_expires_ms ELSE COALESCE(next_attempt_ms, 0) END) AS due \
+                 FROM run_items WHERE run_id = $1 AND status = 'pending'",
+                vec![text(run.as_str())],
+            ))
+            .await
+            .map_err(db_error)?;
+        let due: Option<i64> = match row {
+            Some(row) => row.try_get("", "due").map_err(db_error)?,
+            None => None,
+        };
+        due.map(crate::convert::instant).transpose()
+    }
+
+    async fn cancel_pending(&self, run: &RunId, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .execute_raw(self.statement(
+                "UPDATE run_items SET status = 'cancelled', lease_owner = NULL, \
+                     lease_expires_ms = NULL, updated_ms = $2 \
+                 WHERE run_id = $1 AND status = 'pending'",
+                vec![text(run.as_str()), big(millis(now))],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected())
     }
 
     async fn finish_run(

@@ -176,3 +176,727 @@ impl PreferenceSource for FakePreferences {
         Ok((changes, u64::try_from(log.len()).unwrap_or(u64::MAX)))
     }
 }
+
+use std::collections::{HashMap, HashSet};
+
+use batch_domain::context::BatchContext;
+use batch_domain::retry::FailureKind;
+use batch_domain::run::{ItemCounts, ItemStatus, Lease, RunId, RunStatus};
+use batch_domain::{JobId, TemplateId, UserId};
+use batch_ports::contexts::{BatchReference, ContextStore, ReferenceCursor};
+use batch_ports::runs::{
+    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunRecord, RunStore, StoreError,
+};
+use batch_ports::{
+    ExecuteError, Request, RequestExecutor, Template, TemplateSource, UserRepository,
+    UserValidation,
+};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[derive(Debug, Default)]
+struct Runs {
+    runs: BTreeMap<RunId, RunRecord>,
+    items: HashMap<RunId, Vec<(ItemRecord, Option<Lease>)>>,
+    occurrences: HashMap<(String, i64, String), i64>,
+    contexts: HashMap<RunId, (String, BatchContext)>,
+    references: Vec<(String, BatchReference)>,
+}
+
+/// Runs, items, occurrences, contexts and references in memory, with the same lease rules as
+/// the real store. `record_outcomes` calls are counted per run for chunking assertions.
+#[derive(Debug, Default)]
+pub struct MemoryRuns {
+    state: Mutex<Runs>,
+    outcome_writes: AtomicUsize,
+}
+
+impl MemoryRuns {
+    /// How many times outcomes were written (one per chunk when the processor behaves).
+    pub fn outcome_writes(&self) -> usize {
+        self.outcome_writes.load(Ordering::SeqCst)
+    }
+
+    /// Every item of `run`, in order.
+    pub fn items_of(&self, run: &RunId) -> Vec<ItemRecord> {
+        lock(&self.state)
+            .items
+            .get(run)
+            .map(|items| items.iter().map(|(i, _)| i.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Simulates a crash of a lease holder: drops every item and run lease (as if they had
+    /// expired) without recording anything.
+    pub fn expire_leases(&self) {
+        let mut state = lock(&self.state);
+        for run in state.runs.values_mut() {
+            run.lease = None;
+        }
+        for items in state.items.values_mut() {
+            for (_, lease) in items.iter_mut() {
+                *lease = None;
+            }
+        }
+    }
+}
+
+fn lost(owner: &str, run: &RunId) -> StoreError {
+    StoreError::LeaseLost(format!("{owner} does not hold the lease on run {run}"))
+}
+
+#[async_trait]
+impl RunStore for MemoryRuns {
+    async fn create_occurrence(
+        &self,
+        job: &JobId,
+        _tenant: &TenantId,
+        nominal: DateTime<Utc>,
+        group: &str,
+    ) -> Result<Occurrence, StoreError> {
+        let mut state = lock(&self.state);
+        let key = (
+            job.to_string(),
+            nominal.timestamp_millis(),
+            group.to_owned(),
+        );
+        let next = i64::try_from(state.occurrences.len()).unwrap_or(0) + 1;
+        match state.occurrences.get(&key) {
+            Some(id) => Ok(Occurrence::Existed(*id)),
+            None => {
+                state.occurrences.insert(key, next);
+                Ok(Occurrence::Created(next))
+            }
+        }
+    }
+
+    async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        if state.runs.contains_key(&run.id) {
+            return Err(StoreError::Unexpected(format!("duplicate run {}", run.id)));
+        }
+        let mut keys = HashSet::new();
+        let mut records = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            if !keys.insert(item.key.clone()) {
+                return Err(StoreError::Unexpected(format!(
+                    "duplicate item {}",
+                    item.key
+                )));
+            }
+            records.push((
+                ItemRecord {
+                    seq: i64::try_from(i).unwrap_or(0) + 1,
+                    key: item.key,
+                    user: item.user,
+                    status: item.status,
+                    attempts: 0,
+                    next_attempt_at: None,
+                    last_error: None,
+                    result: None,
+                    payload: item.payload,
+                    request_context: None,
+                },
+                None,
+            ));
+        }
+        state.items.insert(run.id.clone(), records);
+        state.runs.insert(
+            run.id.clone(),
+            RunRecord {
+                id: run.id,
+                job: run.job,
+                tenant: run.tenant,
+                status: RunStatus::Queued,
+                trigger: run.trigger,
+                priority: run.priority,
+                scheduled_for: run.scheduled_for,
+                parent: run.parent,
+                created_at: run.created_at,
+                started_at: None,
+                finished_at: None,
+                lease: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn claim_runs(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let mut state = lock(&self.state);
+        let mut free: Vec<&mut RunRecord> = state
+            .runs
+            .values_mut()
+            .filter(|r| !r.status.is_terminal() && r.lease.as_ref().is_none_or(|l| !l.is_live(now)))
+            .collect();
+        free.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.created_at.cmp(&b.created_at))
+        });
+        Ok(free
+            .into_iter()
+            .take(limit)
+            .map(|run| {
+                run.status = RunStatus::Running;
+                run.started_at = run.started_at.or(Some(now));
+                run.lease = Some(Lease {
+                    owner: owner.to_owned(),
+                    expires_at: lease_until,
+                });
+                run.clone()
+            })
+            .collect())
+    }
+
+    async fn claim_run(
+        &self,
+        run: &RunId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        let mut state = lock(&self.state);
+        Ok(state
+            .runs
+            .get_mut(run)
+            .filter(|r| !r.status.is_terminal() && r.lease.as_ref().is_none_or(|l| !l.is_live(now)))
+            .map(|r| {
+                r.status = RunStatus::Running;
+                r.started_at = r.started_at.or(Some(now));
+                r.lease = Some(Lease {
+                    owner: owner.to_owned(),
+                    expires_at: lease_until,
+                });
+                r.clone()
+            }))
+    }
+
+    async fn renew_lease(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        match state.runs.get_mut(run) {
+            Some(r)
+                if !r.status.is_terminal()
+                    && r.lease.as_ref().is_some_and(|l| l.owner == owner) =>
+            {
+                r.lease = Some(Lease {
+                    owner: owner.to_owned(),
+                    expires_at: until,
+                });
+                Ok(())
+            }
+            _ => Err(lost(owner, run)),
+        }
+    }
+
+    async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        if let Some(r) = state.runs.get_mut(run)
+            && r.lease.as_ref().is_some_and(|l| l.owner == owner)
+        {
+            r.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn due_items(
+        &self,
+        run: &RunId,
+        now: DateTime<Utc>,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError> {
+        Ok(self
+            .items_of(run)
+            .into_iter()
+            .filter(|i| {
+                i.status == ItemStatus::Pending
+                    && i.next_attempt_at.is_none_or(|t| t <= now)
+                    && i.seq > after_seq.unwrap_or(0)
+            })
+            .take(limit)
+            .collect())
+    }
+
+    async fn claim_items(
+        &self,
+        run: &RunId,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError> {
+        let mut state = lock(&self.state);
+        let Some(items) = state.items.get_mut(run) else {
+            return Ok(Vec::new());
+        };
+        Ok(items
+            .iter_mut()
+            .filter(|(i, lease)| {
+                i.status == ItemStatus::Pending
+                    && i.next_attempt_at.is_none_or(|t| t <= now)
+                    && lease.as_ref().is_none_or(|l| !l.is_live(now))
+            })
+            .take(limit)
+            .map(|(i, lease)| {
+                *lease = Some(Lease {
+                    owner: owner.to_owned(),
+                    expires_at: lease_until,
+                });
+                i.clone()
+            })
+            .collect())
+    }
+
+    async fn record_outcomes(
+        &self,
+        run: &RunId,
+        owner: &str,
+        outcomes: &[ItemOutcome],
+        _now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.outcome_writes.fetch_add(1, Ordering::SeqCst);
+        let mut state = lock(&self.state);
+        let items = state.items.get_mut(run).ok_or_else(|| lost(owner, run))?;
+        let index: HashMap<String, usize> = items
+            .iter()
+            .enumerate()
+            .map(|(n, (i, _))| (i.key.clone(), n))
+            .collect();
+        // All or nothing, like the real store's transaction.
+        for outcome in outcomes {
+            let held = index
+                .get(&outcome.key)
+                .is_some_and(|n| items[*n].1.as_ref().is_some_and(|l| l.owner == owner));
+            if !held {
+                return Err(lost(owner, run));
+            }
+        }
+        for outcome in outcomes {
+            let Some(n) = index.get(&outcome.key) else {
+                continue;
+            };
+            let (item, lease) = &mut items[*n];
+            item.status = outcome.status;
+            item.attempts = outcome.attempts;
+            item.next_attempt_at = outcome.next_attempt_at;
+            item.last_error = outcome.error.clone();
+            item.result = outcome.result.clone();
+            if outcome.request_context.is_some() {
+                item.request_context = outcome.request_context.clone();
+            }
+            *lease = None;
+        }
+        Ok(())
+    }
+
+    async fn next_due(&self, run: &RunId) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let state = lock(&self.state);
+        Ok(state.items.get(run).and_then(|items| {
+            items
+                .iter()
+                .filter(|(i, _)| i.status == ItemStatus::Pending)
+                .map(|(i, lease)| {
+                    let retry = i.next_attempt_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
+                    lease.as_ref().map_or(retry, |l| retry.max(l.expires_at))
+                })
+                .min()
+        }))
+    }
+
+    async fn cancel_pending(&self, run: &RunId, _now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut state = lock(&self.state);
+        let mut n = 0;
+        for (item, lease) in state.items.get_mut(run).into_iter().flatten() {
+            if item.status == ItemStatus::Pending {
+                item.status = ItemStatus::Cancelled;
+                *lease = None;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn finish_run(
+        &self,
+        run: &RunId,
+        owner: &str,
+        status: RunStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        match state.runs.get_mut(run) {
+            Some(r) if r.lease.as_ref().is_some_and(|l| l.owner == owner) => {
+                r.status = status;
+                r.finished_at = Some(now);
+                r.lease = None;
+                Ok(())
+            }
+            _ => Err(lost(owner, run)),
+        }
+    }
+
+    async fn run(&self, tenant: &TenantId, run: &RunId) -> Result<RunRecord, StoreError> {
+        lock(&self.state)
+            .runs
+            .get(run)
+            .filter(|r| &r.tenant == tenant)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("run {run}")))
+    }
+
+    async fn counts(&self, run: &RunId) -> Result<ItemCounts, StoreError> {
+        let mut counts = ItemCounts::default();
+        for item in self.items_of(run) {
+            counts.add(item.status, 1);
+        }
+        Ok(counts)
+    }
+
+    async fn list_items(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        status: Option<ItemStatus>,
+        after_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<ItemRecord>, StoreError> {
+        self.run(tenant, run).await?;
+        Ok(self
+            .items_of(run)
+            .into_iter()
+            .filter(|i| status.is_none_or(|s| s == i.status) && i.seq > after_seq.unwrap_or(0))
+            .take(limit)
+            .collect())
+    }
+}
+
+#[async_trait]
+impl ContextStore for MemoryRuns {
+    async fn save_context(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        context: &BatchContext,
+        _now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        lock(&self.state)
+            .contexts
+            .insert(run.clone(), (tenant.to_string(), context.clone()));
+        Ok(())
+    }
+
+    async fn context(&self, tenant: &TenantId, run: &RunId) -> Result<BatchContext, StoreError> {
+        lock(&self.state)
+            .contexts
+            .get(run)
+            .filter(|(t, _)| t == tenant.as_str())
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| StoreError::NotFound(format!("context of run {run}")))
+    }
+
+    async fn merge_into_parent(
+        &self,
+        tenant: &TenantId,
+        parent: &RunId,
+        child: &RunId,
+        now: DateTime<Utc>,
+    ) -> Result<BatchContext, StoreError> {
+        let mut merged = self.context(tenant, parent).await?;
+        merged.merge_child(&self.context(tenant, child).await?);
+        self.save_context(tenant, parent, &merged, now).await?;
+        Ok(merged)
+    }
+
+    async fn add_references(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        run: &RunId,
+        users: &[UserId],
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let mut state = lock(&self.state);
+        let mut added = 0;
+        for user in users {
+            let exists = state
+                .references
+                .iter()
+                .any(|(t, r)| t == tenant.as_str() && &r.run == run && &r.user == user);
+            if !exists {
+                state.references.push((
+                    tenant.to_string(),
+                    BatchReference {
+                        run: run.clone(),
+                        job: job.clone(),
+                        user: user.clone(),
+                        created_at: now,
+                    },
+                ));
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+
+    async fn references(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        cursor: Option<&ReferenceCursor>,
+        limit: usize,
+    ) -> Result<Vec<BatchReference>, StoreError> {
+        let state = lock(&self.state);
+        let mut refs: Vec<BatchReference> = state
+            .references
+            .iter()
+            .filter(|(t, r)| t == tenant.as_str() && &r.user == user)
+            .map(|(_, r)| r.clone())
+            .filter(|r| cursor.is_none_or(|c| (r.created_at, &r.run) < (c.created_at, &c.run)))
+            .collect();
+        refs.sort_by(|a, b| (b.created_at, &b.run).cmp(&(a.created_at, &a.run)));
+        refs.truncate(limit);
+        Ok(refs)
+    }
+}
+
+/// Users of `system_users` in memory: the valid ones are those inserted for the tenant.
+#[derive(Debug, Default)]
+pub struct FakeUsers {
+    users: Mutex<HashSet<(String, String)>>,
+    calls: AtomicUsize,
+}
+
+impl FakeUsers {
+    /// Adds valid users of `tenant`.
+    pub fn insert<'a>(&self, tenant: &str, users: impl IntoIterator<Item = &'a str>) {
+        let mut set = lock(&self.users);
+        set.extend(users.into_iter().map(|u| (tenant.to_owned(), u.to_owned())));
+    }
+
+    /// Calls received so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl UserRepository for FakeUsers {
+    async fn validate_users(
+        &self,
+        tenant: &TenantId,
+        ids: &[UserId],
+    ) -> Result<UserValidation, SourceError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let set = lock(&self.users);
+        let (valid, invalid) = ids
+            .iter()
+            .cloned()
+            .partition(|u| set.contains(&(tenant.to_string(), u.to_string())));
+        Ok(UserValidation { valid, invalid })
+    }
+
+    /// Filters are not interpreted here (the store's contract suite covers them): every valid
+    /// user of the tenant matches.
+    async fn find_users(
+        &self,
+        tenant: &TenantId,
+        _filters: &[batch_domain::config::Filter],
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<UserId>, SourceError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let set = lock(&self.users);
+        let mut users: Vec<UserId> = set
+            .iter()
+            .filter(|(t, _)| t == tenant.as_str())
+            .filter_map(|(_, u)| UserId::parse(u.as_str()).ok())
+            .filter(|u| after.is_none_or(|a| u > a))
+            .collect();
+        users.sort();
+        users.truncate(limit);
+        Ok(users)
+    }
+}
+
+/// Templates in memory.
+#[derive(Debug, Default)]
+pub struct FakeTemplates {
+    templates: Mutex<HashMap<String, Template>>,
+}
+
+impl FakeTemplates {
+    /// Adds a template with `body` at version 1.
+    pub fn insert(&self, id: &str, body: &str) {
+        let template = Template {
+            id: TemplateId::parse(id).unwrap_or_else(|e| panic!("template id {id:?}: {e}")),
+            version: 1,
+            body: body.to_owned(),
+            parameter_defaults: serde_json::Map::new(),
+        };
+        lock(&self.templates).insert(id.to_owned(), template);
+    }
+}
+
+#[async_trait]
+impl TemplateSource for FakeTemplates {
+    async fn template(
+        &self,
+        _tenant: &TenantId,
+        id: &TemplateId,
+        _version: Option<u32>,
+    ) -> Result<Template, SourceError> {
+        lock(&self.templates)
+            .get(id.as_str())
+            .cloned()
+            .ok_or_else(|| SourceError::NotFound(format!("template {id}")))
+    }
+}
+
+/// One call the fake executor received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutedCall {
+    /// The request.
+    pub request: Request,
+    /// The attempt number for its idempotency key (1 for the first call).
+    pub attempt: u32,
+    /// When it started, by the clock given to the executor.
+    pub at: DateTime<Utc>,
+}
+
+/// How the fake executor answers.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Percentage (0–100) of calls that fail retryably, chosen by a hash of key and attempt so a
+    /// run is reproducible.
+    pub retryable_percent: u8,
+    /// Item keys (the part of the idempotency key after `:`) that always fail permanently.
+    pub permanent: HashSet<String>,
+    /// Item keys whose execution panics.
+    pub panics: HashSet<String>,
+}
+
+/// A request executor that records every call, the highest number in flight at once, and
+/// answers per its [`Behaviour`]. Successful results echo the request.
+pub struct FakeExecutor {
+    behaviour: Mutex<Behaviour>,
+    calls: Mutex<Vec<ExecutedCall>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    clock: std::sync::Arc<dyn batch_ports::Clock>,
+}
+
+impl std::fmt::Debug for FakeExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeExecutor").finish_non_exhaustive()
+    }
+}
+
+impl FakeExecutor {
+    /// An executor that reads call times from `clock`.
+    pub fn new(behaviour: Behaviour, clock: std::sync::Arc<dyn batch_ports::Clock>) -> Self {
+        FakeExecutor {
+            behaviour: Mutex::new(behaviour),
+            calls: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            clock,
+        }
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<ExecutedCall> {
+        lock(&self.calls).clone()
+    }
+
+    /// The highest number of calls in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the behaviour.
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *lock(&self.behaviour) = behaviour;
+    }
+}
+
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl RequestExecutor for FakeExecutor {
+    async fn execute(&self, request: Request) -> Result<Value, ExecuteError> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = InFlight(&self.in_flight);
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let attempt = {
+            let mut calls = lock(&self.calls);
+            let attempt = calls
+                .iter()
+                .filter(|c| c.request.idempotency_key == request.idempotency_key)
+                .count()
+                + 1;
+            calls.push(ExecutedCall {
+                request: request.clone(),
+                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                at: self.clock.now(),
+            });
+            attempt
+        };
+        // Let other requests start, so concurrency is observable.
+        tokio::task::yield_now().await;
+        let behaviour = lock(&self.behaviour).clone();
+        let item = request
+            .idempotency_key
+            .split_once(':')
+            .map_or(request.idempotency_key.as_str(), |(_, k)| k);
+        if behaviour.panics.contains(item) {
+            panic!("the fake executor was told to panic on {item}");
+        }
+        if behaviour.permanent.contains(item) {
+            return Err(ExecuteError {
+                kind: FailureKind::Permanent,
+                message: format!("{item} is poison"),
+            });
+        }
+        if fnv(&format!("{}#{attempt}", request.idempotency_key)) % 100
+            < u64::from(behaviour.retryable_percent)
+        {
+            return Err(ExecuteError {
+                kind: FailureKind::Retryable,
+                message: "unavailable (injected)".to_owned(),
+            });
+        }
+        Ok(serde_json::json!({
+            "template": request.template.as_str(),
+            "user": request.user.as_ref().map(UserId::as_str),
+            "payload": request.payload,
+            "parameters": request.parameters,
+        }))
+    }
+}

@@ -163,11 +163,18 @@ impl ManualClock {
     }
 }
 
+#[async_trait::async_trait]
 impl batch_ports::Clock for ManualClock {
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
         *self
             .now
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Moves the clock on by `duration` at once, then lets other tasks run.
+    async fn sleep(&self, duration: std::time::Duration) {
+        self.advance(chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX));
+        tokio::task::yield_now().await;
     }
 }
