@@ -561,7 +561,7 @@ impl RunStore for MemoryRuns {
 
     async fn counts(&self, run: &RunId) -> Result<ItemCounts, StoreError> {
         let mut counts = ItemCounts::default();
-        for item in self.items_of(run) {
+        for (item, _) in lock(&self.state).items.get(run).into_iter().flatten() {
             counts.add(item.status, 1);
         }
         Ok(counts)
@@ -576,11 +576,16 @@ impl RunStore for MemoryRuns {
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError> {
         self.run(tenant, run).await?;
-        Ok(self
-            .items_of(run)
+        let state = lock(&self.state);
+        Ok(state
+            .items
+            .get(run)
             .into_iter()
+            .flatten()
+            .map(|(i, _)| i)
             .filter(|i| status.is_none_or(|s| s == i.status) && i.seq > after_seq.unwrap_or(0))
             .take(limit)
+            .cloned()
             .collect())
     }
 }
@@ -795,6 +800,7 @@ pub struct Behaviour {
 pub struct FakeExecutor {
     behaviour: Mutex<Behaviour>,
     calls: Mutex<Vec<ExecutedCall>>,
+    attempts: Mutex<HashMap<String, u32>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     clock: std::sync::Arc<dyn batch_ports::Clock>,
@@ -812,6 +818,7 @@ impl FakeExecutor {
         FakeExecutor {
             behaviour: Mutex::new(behaviour),
             calls: Mutex::new(Vec::new()),
+            attempts: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             clock,
@@ -855,19 +862,16 @@ impl RequestExecutor for FakeExecutor {
         let _guard = InFlight(&self.in_flight);
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let attempt = {
-            let mut calls = lock(&self.calls);
-            let attempt = calls
-                .iter()
-                .filter(|c| c.request.idempotency_key == request.idempotency_key)
-                .count()
-                + 1;
-            calls.push(ExecutedCall {
-                request: request.clone(),
-                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-                at: self.clock.now(),
-            });
-            attempt
+            let mut attempts = lock(&self.attempts);
+            let attempt = attempts.entry(request.idempotency_key.clone()).or_insert(0);
+            *attempt += 1;
+            *attempt
         };
+        lock(&self.calls).push(ExecutedCall {
+            request: request.clone(),
+            attempt,
+            at: self.clock.now(),
+        });
         // Let other requests start, so concurrency is observable.
         tokio::task::yield_now().await;
         let behaviour = lock(&self.behaviour).clone();

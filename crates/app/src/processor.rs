@@ -1,0 +1,611 @@
+//! The BatchProcessor: one run from preparation to a terminal state.
+//!
+//! A run is prepared by its strategy and created with all its items (valid ones pending,
+//! invalid ones recorded as such). Executing it is a loop of steps ([`Execution::run_next_chunk`]):
+//! claim a chunk of due items under a lease, execute them with the job's concurrency limit
+//! (a semaphore) and rate limit (governor), record every outcome of the chunk in one store
+//! call, publish progress. Retryable failures are rescheduled with the job's backoff (attempt
+//! count and next attempt time are stored, so a restart continues the schedule); permanent
+//! failures and panics fail the item. When nothing is pending, references are handed out and
+//! the run finishes with exact counts. A processor that opens an interrupted run only ever sees
+//! items that have not succeeded: succeeded items are never executed again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use batch_domain::config::Job;
+use batch_domain::context::Progress;
+use batch_domain::retry::{Decision, FailureKind};
+use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
+use batch_domain::{TemplateId, UserId};
+use batch_ports::runs::{ItemOutcome, ItemRecord, NewRun, RunRecord, StoreError};
+use batch_ports::{ExecuteError, Request, SourceError, Template};
+use chrono::{DateTime, Utc};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde_json::{Map, Value, json};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::context::{ContextManager, progress};
+use crate::limits::RateLimit;
+use crate::strategy::{PrepareSettings, Scope, Strategies};
+use crate::{Error, Ports};
+
+/// How a processor behaves, whatever the job.
+#[derive(Debug, Clone)]
+pub struct ProcessorSettings {
+    /// This process's name in leases (host, pid and a random part, typically).
+    pub owner: String,
+    /// How long a run lease lasts without renewal; renewed at every chunk.
+    pub run_lease: Duration,
+    /// Pages and validation chunks of preparation.
+    pub prepare: PrepareSettings,
+    /// Seed of the backoff jitter, for reproducible tests; `None` seeds from the clock.
+    pub seed: Option<u64>,
+}
+
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        ProcessorSettings {
+            owner: format!(
+                "batch-{}-{}",
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
+            run_lease: Duration::from_secs(60),
+            prepare: PrepareSettings::default(),
+            seed: None,
+        }
+    }
+}
+
+/// Where a run stands, published after every chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressEvent {
+    /// The run.
+    pub run: RunId,
+    /// Its status.
+    pub status: RunStatus,
+    /// Exact progress.
+    pub progress: Progress,
+}
+
+/// What one step of an execution did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A chunk of this many items was executed and recorded.
+    Worked(usize),
+    /// Nothing is due before this instant (retries waiting for their backoff, or items leased
+    /// by another processor).
+    Idle(DateTime<Utc>),
+    /// The run ended with this status.
+    Finished(RunStatus),
+}
+
+/// Runs batch runs.
+pub struct BatchProcessor {
+    ports: Ports,
+    strategies: Strategies,
+    contexts: ContextManager,
+    settings: ProcessorSettings,
+    cancelled: Mutex<HashSet<RunId>>,
+    watchers: Mutex<HashMap<RunId, watch::Sender<Option<ProgressEvent>>>>,
+    rng: Mutex<SmallRng>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl BatchProcessor {
+    /// A processor over `ports` with the given strategies.
+    pub fn new(ports: Ports, strategies: Strategies, settings: ProcessorSettings) -> Self {
+        let seed = settings.seed.unwrap_or_else(|| {
+            u64::try_from(ports.clock.now().timestamp_nanos_opt().unwrap_or(0)).unwrap_or(0)
+        });
+        BatchProcessor {
+            contexts: ContextManager::new(ports.contexts.clone(), ports.clock.clone()),
+            ports,
+            strategies,
+            settings,
+            cancelled: Mutex::new(HashSet::new()),
+            watchers: Mutex::new(HashMap::new()),
+            rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+        }
+    }
+
+    /// The context manager this processor keeps contexts with.
+    pub fn contexts(&self) -> &ContextManager {
+        &self.contexts
+    }
+
+    /// Prepares and creates a run of `job`: items from its strategy within `scope`, users
+    /// validated, the first context saved. The run is queued; [`BatchProcessor::open`] executes it.
+    ///
+    /// # Errors
+    /// [`Error::Source`] when preparation cannot read its sources; [`Error::Store`] when the run
+    /// cannot be stored.
+    pub async fn start(
+        &self,
+        job: &Job,
+        trigger: Trigger,
+        scheduled_for: Option<DateTime<Utc>>,
+        scope: &Scope,
+        parent: Option<RunId>,
+    ) -> Result<RunRecord, Error> {
+        let strategy = self.strategies.for_job(job)?;
+        let prepared = strategy
+            .prepare(job, scope, &self.ports, &self.settings.prepare)
+            .await?;
+        let id = RunId::parse(uuid::Uuid::now_v7().to_string())
+            .map_err(|e| Error::Job(format!("generated run id: {e}")))?;
+        let run = NewRun {
+            id: id.clone(),
+            job: job.id.clone(),
+            tenant: job.tenant.clone(),
+            trigger,
+            priority: job.priority,
+            scheduled_for,
+            occurrence: None,
+            parent,
+            created_at: self.ports.clock.now(),
+        };
+        self.ports
+            .runs
+            .create_run(run, prepared.items.clone())
+            .await?;
+        let record = self.ports.runs.run(&job.tenant, &id).await?;
+        self.contexts.create(job, &record, &prepared).await?;
+        tracing::info!(run = %id, job = %job.id, items = prepared.items.len(), "run created");
+        Ok(record)
+    }
+
+    /// Takes `run` of `job` over for execution: `None` when it has ended or another processor
+    /// holds its lease.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails.
+    pub async fn open(&self, job: &Job, run: &RunId) -> Result<Option<Execution<'_>>, Error> {
+        let now = self.ports.clock.now();
+        let Some(record) = self
+            .ports
+            .runs
+            .claim_run(
+                run,
+                &self.settings.owner,
+                now,
+                now + chrono_duration(self.settings.run_lease),
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut notes = Vec::new();
+        let template = match self
+            .ports
+            .templates
+            .template(&job.tenant, &job.template, None)
+            .await
+        {
+            Ok(template) => Some(template),
+            Err(SourceError::NotFound(why)) => {
+                notes.push(format!("template {} not found: {why}", job.template));
+                None
+            }
+            Err(other) => {
+                notes.push(format!(
+                    "template {} unavailable ({other}); requests carry no template defaults",
+                    job.template
+                ));
+                None
+            }
+        };
+        let limits = job.execution;
+        Ok(Some(Execution {
+            processor: self,
+            job: job.clone(),
+            template_missing: template.is_none() && notes.iter().any(|n| n.contains("not found")),
+            parameter_defaults: template
+                .map(|t: Template| t.parameter_defaults)
+                .unwrap_or_default(),
+            limiter: limits
+                .rate_limit_per_sec
+                .map(|rate| Arc::new(RateLimit::per_second(rate, self.ports.clock.clone()))),
+            semaphore: Arc::new(Semaphore::new(
+                usize::try_from(limits.concurrency).unwrap_or(1).max(1),
+            )),
+            run: record,
+            notes,
+        }))
+    }
+
+    /// Asks `run` to stop: its execution claims nothing more, lets the chunk in flight finish,
+    /// marks what is left cancelled and ends the run `cancelled`.
+    pub fn cancel(&self, run: &RunId) {
+        lock(&self.cancelled).insert(run.clone());
+    }
+
+    fn is_cancelled(&self, run: &RunId) -> bool {
+        lock(&self.cancelled).contains(run)
+    }
+
+    /// Progress of `run` as it happens: the latest event, then every new one.
+    pub fn subscribe(&self, run: &RunId) -> watch::Receiver<Option<ProgressEvent>> {
+        lock(&self.watchers)
+            .entry(run.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    fn publish(&self, event: ProgressEvent) {
+        let sender = lock(&self.watchers)
+            .entry(event.run.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .clone();
+        sender.send_replace(Some(event));
+    }
+
+    fn decide(&self, job: &Job, attempt: u32, kind: FailureKind) -> Decision {
+        job.retry.decide(attempt, kind, &mut *lock(&self.rng))
+    }
+}
+
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// One run being executed by one processor.
+pub struct Execution<'p> {
+    processor: &'p BatchProcessor,
+    job: Job,
+    run: RunRecord,
+    parameter_defaults: Map<String, Value>,
+    template_missing: bool,
+    limiter: Option<Arc<RateLimit>>,
+    semaphore: Arc<Semaphore>,
+    notes: Vec<String>,
+}
+
+/// The outcome of executing one item, before the retry decision.
+type Executed = (ItemRecord, Result<Value, ExecuteError>, Value);
+
+impl Execution<'_> {
+    /// The run as it was when opened.
+    pub fn run(&self) -> &RunRecord {
+        &self.run
+    }
+
+    fn ports(&self) -> &Ports {
+        &self.processor.ports
+    }
+
+    fn item_lease(&self) -> chrono::Duration {
+        let limits = self.job.execution;
+        let paced = limits.rate_limit_per_sec.map_or(Duration::ZERO, |rate| {
+            Duration::from_secs_f64(f64::from(limits.chunk_size) / rate)
+        });
+        chrono_duration(self.processor.settings.run_lease + limits.timeout + paced)
+    }
+
+    /// Runs steps until the run ends, waiting on the clock while nothing is due.
+    ///
+    /// # Errors
+    /// As [`Execution::run_next_chunk`].
+    pub async fn run_to_completion(&mut self) -> Result<RunStatus, Error> {
+        loop {
+            match self.run_next_chunk().await? {
+                Step::Worked(_) => {}
+                Step::Idle(until) => {
+                    let now = self.ports().clock.now();
+                    let wait = (until - now).to_std().unwrap_or(Duration::ZERO);
+                    // Keep the run lease alive across long waits.
+                    let wait = wait
+                        .min(self.processor.settings.run_lease / 2)
+                        .max(Duration::from_millis(1));
+                    self.ports().clock.sleep(wait).await;
+                }
+                Step::Finished(status) => return Ok(status),
+            }
+        }
+    }
+
+    /// One step: claim a chunk of due items, execute it, record its outcomes in one store call,
+    /// publish progress. Finishes the run when nothing is pending.
+    ///
+    /// # Errors
+    /// [`Error::Store`] with [`StoreError::LeaseLost`] when another processor took the run or a
+    /// chunk over (stop working on it), or when the store fails.
+    pub async fn run_next_chunk(&mut self) -> Result<Step, Error> {
+        let run_id = self.run.id.clone();
+        if self.processor.is_cancelled(&run_id) {
+            self.ports()
+                .runs
+                .cancel_pending(&run_id, self.ports().clock.now())
+                .await?;
+            return self
+                .finish(Some(RunStatus::Cancelled))
+                .await
+                .map(Step::Finished);
+        }
+        if self.template_missing {
+            self.ports()
+                .runs
+                .cancel_pending(&run_id, self.ports().clock.now())
+                .await?;
+            return self
+                .finish(Some(RunStatus::Failed))
+                .await
+                .map(Step::Finished);
+        }
+        let now = self.ports().clock.now();
+        let owner = self.processor.settings.owner.clone();
+        self.ports()
+            .runs
+            .renew_lease(
+                &run_id,
+                &owner,
+                now + chrono_duration(self.processor.settings.run_lease),
+            )
+            .await?;
+        let chunk = self
+            .ports()
+            .runs
+            .claim_items(
+                &run_id,
+                &owner,
+                now,
+                now + self.item_lease(),
+                usize::try_from(self.job.execution.chunk_size).unwrap_or(1),
+            )
+            .await?;
+        if chunk.is_empty() {
+            return match self.ports().runs.next_due(&run_id).await? {
+                Some(due) => Ok(Step::Idle(due.max(now))),
+                None => self.finish(None).await.map(Step::Finished),
+            };
+        }
+        let size = chunk.len();
+        let executed = self.execute(chunk).await;
+        let now = self.ports().clock.now();
+        let outcomes: Vec<ItemOutcome> = executed
+            .into_iter()
+            .map(|(item, result, request_context)| self.outcome(item, result, request_context, now))
+            .collect();
+        self.ports()
+            .runs
+            .record_outcomes(&run_id, &owner, &outcomes, now)
+            .await?;
+        let counts = self.ports().runs.counts(&run_id).await?;
+        self.processor
+            .contexts
+            .update(&self.run, &counts, &self.notes)
+            .await?;
+        self.processor.publish(ProgressEvent {
+            run: run_id,
+            status: RunStatus::Running,
+            progress: progress(&counts),
+        });
+        Ok(Step::Worked(size))
+    }
+
+    /// Builds the request of one item: the template is the item's preference override or the
+    /// job's; parameters are the template's defaults overlaid with the item's.
+    fn request(&self, item: &ItemRecord) -> Request {
+        let template = item
+            .payload
+            .get("template")
+            .and_then(Value::as_str)
+            .and_then(|t| TemplateId::parse(t).ok())
+            .unwrap_or_else(|| self.job.template.clone());
+        let mut parameters = self.parameter_defaults.clone();
+        if let Some(Value::Object(own)) = item.payload.get("parameters") {
+            parameters.extend(own.clone());
+        }
+        Request {
+            idempotency_key: format!("{}:{}", self.run.id, item.key),
+            tenant: self.job.tenant.clone(),
+            user: item.user.clone(),
+            template,
+            template_version: None,
+            payload: item.payload.clone(),
+            parameters,
+        }
+    }
+
+    /// Executes a chunk with the concurrency and rate limits. A panicking item is contained and
+    /// reported as a permanent failure of that item alone.
+    async fn execute(&self, chunk: Vec<ItemRecord>) -> Vec<Executed> {
+        let mut tasks = JoinSet::new();
+        let mut by_task = HashMap::with_capacity(chunk.len());
+        let timeout = self.job.execution.timeout;
+        for item in chunk {
+            let request = self.request(&item);
+            let request_context = json!({
+                "idempotency_key": request.idempotency_key,
+                "template": request.template.as_str(),
+                "parameters": request.parameters,
+                "attempt": item.attempts + 1,
+            });
+            let executor = self.ports().executor.clone();
+            let semaphore = self.semaphore.clone();
+            let limiter = self.limiter.clone();
+            let handle = tasks.spawn(async move {
+                match semaphore.acquire_owned().await {
+                    Ok(_permit) => {
+                        if let Some(limiter) = &limiter {
+                            limiter.until_ready().await;
+                        }
+                        match tokio::time::timeout(timeout, executor.execute(request)).await {
+                            Ok(result) => result,
+                            Err(_) => Err(ExecuteError {
+                                kind: FailureKind::Retryable,
+                                message: format!("timed out after {} ms", timeout.as_millis()),
+                            }),
+                        }
+                    }
+                    Err(_) => Err(ExecuteError {
+                        kind: FailureKind::Retryable,
+                        message: "the processor is shutting down".to_owned(),
+                    }),
+                }
+            });
+            by_task.insert(handle.id(), (item, request_context));
+        }
+        let mut done = Vec::with_capacity(by_task.len());
+        while let Some(joined) = tasks.join_next_with_id().await {
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, result),
+                Err(e) => {
+                    let message = if e.is_panic() {
+                        "the item's execution panicked".to_owned()
+                    } else {
+                        format!("the item's execution was aborted: {e}")
+                    };
+                    (
+                        e.id(),
+                        Err(ExecuteError {
+                            kind: FailureKind::Permanent,
+                            message,
+                        }),
+                    )
+                }
+            };
+            if let Some((item, request_context)) = by_task.remove(&id) {
+                done.push((item, result, request_context));
+            }
+        }
+        done
+    }
+
+    fn outcome(
+        &self,
+        item: ItemRecord,
+        result: Result<Value, ExecuteError>,
+        request_context: Value,
+        now: DateTime<Utc>,
+    ) -> ItemOutcome {
+        let attempts = item.attempts + 1;
+        let (status, next_attempt_at, error, result) = match result {
+            Ok(value) => (ItemStatus::Succeeded, None, None, Some(value)),
+            Err(e) => match self.processor.decide(&self.job, attempts, e.kind) {
+                Decision::RetryAfter(delay) => (
+                    ItemStatus::Pending,
+                    Some(now + chrono_duration(delay)),
+                    Some(e.message),
+                    None,
+                ),
+                Decision::GiveUp => (ItemStatus::Failed, None, Some(e.message), None),
+            },
+        };
+        ItemOutcome {
+            key: item.key,
+            status,
+            attempts,
+            next_attempt_at,
+            error,
+            result,
+            request_context: Some(request_context),
+        }
+    }
+
+    /// Distributes, ends the run and publishes its last progress. `status` overrides the status
+    /// that follows from the counts (cancelled, failed).
+    async fn finish(&mut self, status: Option<RunStatus>) -> Result<RunStatus, Error> {
+        let run_id = self.run.id.clone();
+        let counts = self.ports().runs.counts(&run_id).await?;
+        let status = status.unwrap_or_else(|| counts.final_status());
+        if matches!(
+            status,
+            RunStatus::Succeeded | RunStatus::CompletedWithFailures
+        ) {
+            self.distribute().await?;
+        }
+        let now = self.ports().clock.now();
+        match self
+            .ports()
+            .runs
+            .finish_run(&run_id, &self.processor.settings.owner, status, now)
+            .await
+        {
+            Ok(()) => {}
+            // Another processor finished it first: its record wins.
+            Err(StoreError::LeaseLost(_)) => {}
+            Err(other) => return Err(other.into()),
+        }
+        self.run = self.ports().runs.run(&self.job.tenant, &run_id).await?;
+        self.processor
+            .contexts
+            .update(&self.run, &counts, &self.notes)
+            .await?;
+        self.processor.contexts.merge_into_parent(&self.run).await?;
+        self.processor.publish(ProgressEvent {
+            run: run_id,
+            status: self.run.status,
+            progress: progress(&counts),
+        });
+        tracing::info!(run = %self.run.id, status = %self.run.status, "run finished");
+        Ok(self.run.status)
+    }
+
+    /// References for the job's distribution users and for every user whose own item succeeded;
+    /// then the optional delivery to the distribution users.
+    async fn distribute(&mut self) -> Result<(), Error> {
+        let ports = self.ports().clone();
+        let now = ports.clock.now();
+        let mut users: Vec<UserId> = self.job.distribution.users.clone();
+        let mut after = None;
+        loop {
+            let page = ports
+                .runs
+                .list_items(
+                    &self.job.tenant,
+                    &self.run.id,
+                    Some(ItemStatus::Succeeded),
+                    after,
+                    1_000,
+                )
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.seq);
+            users.extend(page.into_iter().filter_map(|i| i.user));
+        }
+        users.sort();
+        users.dedup();
+        ports
+            .contexts
+            .add_references(&self.job.tenant, &self.job.id, &self.run.id, &users, now)
+            .await?;
+        let Some(template) = self.job.distribution.delivery_template.clone() else {
+            return Ok(());
+        };
+        let counts = ports.runs.counts(&self.run.id).await?;
+        let mut failed = 0;
+        for user in &self.job.distribution.users {
+            let request = Request {
+                idempotency_key: format!("{}:deliver:{user}", self.run.id),
+                tenant: self.job.tenant.clone(),
+                user: Some(user.clone()),
+                template: template.clone(),
+                template_version: None,
+                payload: json!({
+                    "run_id": self.run.id.as_str(),
+                    "job_id": self.job.id.as_str(),
+                    "succeeded": counts.succeeded,
+                    "failed": counts.failed,
+                }),
+                parameters: Map::new(),
+            };
+            if ports.executor.execute(request).await.is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            self.notes.push(format!(
+                "delivery of the reference failed for {failed} users"
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,659 @@
+//! The BatchProcessor against stateful in-memory fakes of every port, with a manual clock.
+
+// Test steps are plain helper functions; a failed step should panic right there.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use batch_app::Ports;
+use batch_app::processor::{BatchProcessor, ProcessorSettings, Step};
+use batch_app::strategy::{Scope, Strategies};
+use batch_domain::config::{Job, parse_job};
+use batch_domain::preference::{Frequency, Preference};
+use batch_domain::run::{ItemStatus, RunStatus, Trigger};
+use batch_domain::{FeatureType, TemplateId, TenantId, UserId};
+use batch_ports::CategoryItem;
+use batch_ports::contexts::ContextStore;
+use batch_ports::runs::{ItemRecord, RunStore};
+use batch_testkit::ManualClock;
+use batch_testkit::fakes::{
+    Behaviour, FakeCategories, FakeExecutor, FakePreferences, FakeTemplates, FakeUsers, MemoryRuns,
+};
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Value, json};
+
+struct World {
+    runs: Arc<MemoryRuns>,
+    users: Arc<FakeUsers>,
+    categories: Arc<FakeCategories>,
+    preferences: Arc<FakePreferences>,
+    executor: Arc<FakeExecutor>,
+    clock: Arc<ManualClock>,
+    ports: Ports,
+}
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2027-03-14T07:00:00Z")
+        .unwrap()
+        .to_utc()
+}
+
+impl World {
+    fn new(behaviour: Behaviour) -> World {
+        let runs = Arc::new(MemoryRuns::default());
+        let users = Arc::new(FakeUsers::default());
+        let categories = Arc::new(FakeCategories::default());
+        let preferences = Arc::new(FakePreferences::default());
+        let templates = Arc::new(FakeTemplates::default());
+        for id in ["digest", "report", "short", "deliver"] {
+            templates.insert(id, "Hello {{ user_id }}");
+        }
+        let clock = Arc::new(ManualClock::new(t0()));
+        let executor = Arc::new(FakeExecutor::new(behaviour, clock.clone()));
+        let ports = Ports {
+            runs: runs.clone(),
+            contexts: runs.clone(),
+            users: users.clone(),
+            categories: categories.clone(),
+            preferences: preferences.clone(),
+            templates,
+            executor: executor.clone(),
+            clock: clock.clone(),
+        };
+        World {
+            runs,
+            users,
+            categories,
+            preferences,
+            executor,
+            clock,
+            ports,
+        }
+    }
+
+    fn processor(&self, owner: &str) -> BatchProcessor {
+        BatchProcessor::new(
+            self.ports.clone(),
+            Strategies::default(),
+            ProcessorSettings {
+                owner: owner.to_owned(),
+                seed: Some(7),
+                ..ProcessorSettings::default()
+            },
+        )
+    }
+
+    /// Users u0000…u{n-1} of acme.
+    fn with_users(&self, n: usize) {
+        let ids: Vec<String> = (0..n).map(|i| format!("u{i:04}")).collect();
+        self.users.insert("acme", ids.iter().map(String::as_str));
+    }
+
+    fn with_category(&self, name: &str, n: usize) {
+        let items = (0..n)
+            .map(|i| CategoryItem {
+                category: name.to_owned(),
+                key: format!("{name}-{i:03}"),
+                attributes: json!({ "n": i }),
+                user_refs: vec![
+                    format!("u{i:04}"),
+                    "ghost".to_owned(),
+                    "not a user".to_owned(),
+                ],
+            })
+            .collect();
+        self.categories.insert("acme", name, items);
+    }
+}
+
+fn job(extra: Value) -> Job {
+    let mut job = json!({
+        "id": "job-a", "tenant": "acme", "type": "INDIVIDUAL_USERS", "template": "digest",
+        "source": {"users": {"ids": ["u0000", "u0001", "u0002", "ghost"]}},
+        "execution": {"concurrency": 4, "chunk_size": 3},
+        "retry": {"max_attempts": 5, "initial_backoff_ms": 100, "max_backoff_ms": 1000},
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        job[k] = v.clone();
+    }
+    parse_job(job).unwrap_or_else(|p| panic!("{p}"))
+}
+
+async fn run_job(
+    world: &World,
+    job: &Job,
+) -> (
+    batch_ports::runs::RunRecord,
+    batch_domain::context::BatchContext,
+) {
+    let processor = world.processor("p1");
+    let run = processor
+        .start(job, Trigger::Manual, None, &Scope::default(), None)
+        .await
+        .unwrap();
+    let mut execution = processor.open(job, &run.id).await.unwrap().unwrap();
+    execution.run_to_completion().await.unwrap();
+    let run = world.runs.run(&job.tenant, &run.id).await.unwrap();
+    let context = world.runs.context(&job.tenant, &run.id).await.unwrap();
+    (run, context)
+}
+
+#[tokio::test]
+async fn individual_users_one_request_per_valid_user() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({"distribution": {"users": ["boss"], "delivery_template": "deliver"}}));
+    let (run, context) = run_job(&world, &job).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let items = world.runs.items_of(&run.id);
+    let invalid: Vec<&str> = items
+        .iter()
+        .filter(|i| i.status == ItemStatus::Invalid)
+        .map(|i| i.key.as_str())
+        .collect();
+    assert_eq!(invalid, ["ghost"]);
+    let done: Vec<&ItemRecord> = items
+        .iter()
+        .filter(|i| i.status == ItemStatus::Succeeded)
+        .collect();
+    assert_eq!(done.len(), 3);
+    assert_eq!(done[0].result.as_ref().unwrap()["user"], "u0000");
+    assert_eq!(
+        done[0].request_context.as_ref().unwrap()["idempotency_key"],
+        format!("{}:u0000", run.id)
+    );
+    assert_eq!(
+        (
+            context.validation.total,
+            context.validation.valid,
+            context.validation.invalid
+        ),
+        (4, 3, 1)
+    );
+    assert_eq!(
+        (
+            context.progress.total,
+            context.progress.succeeded,
+            context.progress.percentage
+        ),
+        (3, 3, 100.0)
+    );
+    assert_eq!(
+        (
+            context.items.valid.count,
+            context.items.invalid.sample.clone()
+        ),
+        (3, vec!["ghost".to_owned()])
+    );
+    assert_eq!(context.metadata.strategy, "individual");
+    assert_eq!(context.metadata.status, "succeeded");
+    // References: the distribution user and every user whose item succeeded; one delivery.
+    for user in ["boss", "u0000", "u0001", "u0002"] {
+        let refs = world
+            .runs
+            .references(&job.tenant, &UserId::parse(user).unwrap(), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(refs.len(), 1, "{user}");
+    }
+    let deliveries: Vec<_> = world
+        .executor
+        .calls()
+        .into_iter()
+        .filter(|c| c.request.template.as_str() == "deliver")
+        .collect();
+    assert_eq!(deliveries.len(), 1);
+    // Three items in chunks of three: one outcome write per chunk.
+    assert_eq!(world.runs.outcome_writes(), 1);
+}
+
+#[tokio::test]
+async fn batch_users_one_request_for_the_whole_set() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let (run, context) = run_job(&world, &job(json!({"type": "BATCH_USERS"}))).await;
+    let calls = world.executor.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        calls[0].request.payload["users"],
+        json!(["u0000", "u0001", "u0002"])
+    );
+    assert_eq!(context.metadata.strategy, "object");
+    assert_eq!((context.progress.total, context.validation.invalid), (1, 1));
+    assert_eq!(run.status, RunStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn individual_categories_validate_user_references() {
+    let world = World::new(Behaviour::default());
+    world.with_users(2);
+    world.with_category("products", 5);
+    let job =
+        job(json!({"type": "INDIVIDUAL_CATEGORIES", "source": {"category": {"name": "products"}}}));
+    let (run, context) = run_job(&world, &job).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(world.executor.calls().len(), 5);
+    // Refs: u0000–u0004, ghost and "not a user": 7 distinct, 2 valid.
+    let refs = context.user_references.unwrap();
+    assert_eq!((refs.total, refs.valid, refs.invalid), (7, 2, 5));
+    let first = world.runs.items_of(&run.id).into_iter().next().unwrap();
+    assert_eq!(first.payload["users"], json!(["u0000"]));
+    assert_eq!(first.payload["category"], "products");
+}
+
+#[tokio::test]
+async fn batch_categories_object_and_combined() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    world.with_category("news", 2);
+    world.with_category("prices", 3);
+    let object = job(json!({"type": "BATCH_CATEGORIES", "source": {"category": {"name": "news"}}}));
+    let (_, context) = run_job(&world, &object).await;
+    assert_eq!(context.metadata.strategy, "object");
+    let combined = job(json!({"id": "job-b", "type": "BATCH_CATEGORIES",
+        "source": {"categories": [{"name": "news"}, {"name": "prices"}]}}));
+    let (_, context) = run_job(&world, &combined).await;
+    assert_eq!(context.metadata.strategy, "combined");
+    let calls = world.executor.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        calls[0].request.payload["items"].as_array().unwrap().len(),
+        2
+    );
+    let by_category = calls[1].request.payload["categories"].as_object().unwrap();
+    assert_eq!(by_category.keys().collect::<Vec<_>>(), ["news", "prices"]);
+    assert_eq!(by_category["prices"].as_array().unwrap().len(), 3);
+}
+
+fn preference(user: &str, template: Option<&str>, enabled: bool) -> Preference {
+    Preference {
+        tenant: TenantId::parse("acme").unwrap(),
+        user: UserId::parse(user).unwrap(),
+        feature_type: FeatureType::parse("digest").unwrap(),
+        frequency: Some(Frequency::Daily),
+        time_of_day: None,
+        time_zone: Some("Europe/Berlin".to_owned()),
+        weekday: None,
+        day_of_month: None,
+        template_override: template.map(|t| TemplateId::parse(t).unwrap()),
+        parameters: json!({"tone": user}).as_object().unwrap().clone(),
+        enabled,
+        version: 1,
+    }
+}
+
+fn dynamic(kind: &str, source: Value) -> Job {
+    job(json!({
+        "id": format!("dyn-{}", kind.to_lowercase()), "type": kind, "source": source,
+        "feature_type": "digest",
+        "default_preferences": {"template": "report", "parameters": {"length": "short"}}
+    }))
+}
+
+#[tokio::test]
+async fn preferences_apply_per_user_overrides_and_skip_disabled_users() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    world
+        .preferences
+        .upsert(preference("u0000", Some("short"), true));
+    world.preferences.upsert(preference("u0001", None, false));
+    let (_, context) = run_job(
+        &world,
+        &dynamic(
+            "PREFERENCE_INDIVIDUAL_USERS",
+            json!({"users": {"ids": ["u0000", "u0001", "u0002"]}}),
+        ),
+    )
+    .await;
+    let calls: BTreeMap<String, _> = world
+        .executor
+        .calls()
+        .into_iter()
+        .map(|c| (c.request.user.clone().unwrap().to_string(), c.request))
+        .collect();
+    assert_eq!(calls.keys().collect::<Vec<_>>(), ["u0000", "u0002"]);
+    assert_eq!(calls["u0000"].template.as_str(), "short");
+    assert_eq!(calls["u0000"].parameters["tone"], "u0000");
+    assert_eq!(calls["u0000"].parameters["length"], "short");
+    // No preference of its own: the job's default preferences.
+    assert_eq!(calls["u0002"].template.as_str(), "report");
+    assert_eq!(context.metadata.strategy, "preference");
+    assert!(
+        context.notes.iter().any(|n| n.contains("1 users skipped")),
+        "{:?}",
+        context.notes
+    );
+}
+
+#[tokio::test]
+async fn preference_batches_and_an_unavailable_preference_source() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    world.with_category("news", 2);
+    world.preferences.upsert(preference("u0001", None, false));
+    let (_, _) = run_job(
+        &world,
+        &dynamic(
+            "PREFERENCE_BATCH_USERS",
+            json!({"users": {"ids": ["u0000", "u0001", "u0002"]}}),
+        ),
+    )
+    .await;
+    let call = world.executor.calls().pop().unwrap();
+    assert_eq!(call.request.payload["users"], json!(["u0000", "u0002"]));
+    assert_eq!(
+        call.request.payload["preferences"]["u0000"]["template"],
+        "report"
+    );
+    world.preferences.set_unavailable(true);
+    let (run, context) = run_job(
+        &world,
+        &dynamic(
+            "PREFERENCE_INDIVIDUAL_CATEGORIES",
+            json!({"category": {"name": "news"}}),
+        ),
+    )
+    .await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert!(
+        context
+            .notes
+            .iter()
+            .any(|n| n.contains("preferences unavailable")),
+        "{:?}",
+        context.notes
+    );
+    world.with_category("prices", 1);
+    let (run, context) = run_job(
+        &world,
+        &dynamic(
+            "PREFERENCE_BATCH_CATEGORIES",
+            json!({"categories": [{"name": "news"}, {"name": "prices"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (run.status, context.metadata.strategy.as_str()),
+        (RunStatus::Succeeded, "preference")
+    );
+    let call = world.executor.calls().pop().unwrap();
+    assert!(call.request.payload["categories"]["prices"].is_array());
+}
+
+fn many(n: usize, extra: Value) -> Job {
+    let ids: Vec<String> = (0..n).map(|i| format!("u{i:04}")).collect();
+    let mut base = json!({"source": {"users": {"ids": ids}}});
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    job(base)
+}
+
+#[tokio::test]
+async fn concurrency_never_exceeds_the_limit() {
+    let world = World::new(Behaviour::default());
+    world.with_users(200);
+    let job = many(
+        200,
+        json!({"execution": {"concurrency": 4, "chunk_size": 50}}),
+    );
+    let (run, _) = run_job(&world, &job).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert!(
+        world.executor.max_in_flight() <= 4,
+        "{}",
+        world.executor.max_in_flight()
+    );
+    assert!(
+        world.executor.max_in_flight() > 1,
+        "requests ran one at a time"
+    );
+    assert_eq!(world.runs.outcome_writes(), 4, "one write per chunk of 50");
+}
+
+#[tokio::test]
+async fn no_second_of_the_clock_sees_more_starts_than_the_rate() {
+    let world = World::new(Behaviour::default());
+    world.with_users(60);
+    let job = many(
+        60,
+        json!({"execution": {"concurrency": 8, "chunk_size": 25, "rate_limit_per_sec": 10}}),
+    );
+    let (run, _) = run_job(&world, &job).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let times: Vec<DateTime<Utc>> = world.executor.calls().iter().map(|c| c.at).collect();
+    assert_eq!(times.len(), 60);
+    for start in &times {
+        let in_window = times
+            .iter()
+            .filter(|t| *t >= start && **t < *start + Duration::seconds(1))
+            .count();
+        assert!(
+            in_window <= 10,
+            "{in_window} starts in the second from {start}"
+        );
+    }
+    let span = *times.iter().max().unwrap() - *times.iter().min().unwrap();
+    assert!(
+        span >= Duration::milliseconds(5_800),
+        "60 starts at 10/s take about 6 s, took {span}"
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_run_never_executes_a_succeeded_item_again() {
+    let world = World::new(Behaviour::default());
+    world.with_users(40);
+    let job = many(
+        40,
+        json!({"execution": {"concurrency": 4, "chunk_size": 5}}),
+    );
+    let first = world.processor("first");
+    let run = first
+        .start(&job, Trigger::Manual, None, &Scope::default(), None)
+        .await
+        .unwrap();
+    {
+        let mut execution = first.open(&job, &run.id).await.unwrap().unwrap();
+        for _ in 0..3 {
+            assert!(matches!(
+                execution.run_next_chunk().await.unwrap(),
+                Step::Worked(5)
+            ));
+        }
+        // The process dies holding a fourth chunk it never records.
+        world
+            .runs
+            .claim_items(
+                &run.id,
+                "first",
+                world.clock_now(),
+                world.clock_now() + Duration::minutes(5),
+                5,
+            )
+            .await
+            .unwrap();
+    }
+    // Another processor cannot take the run over while the lease lives...
+    let second = world.processor("second");
+    assert!(second.open(&job, &run.id).await.unwrap().is_none());
+    // ...and does once it has expired, then finishes the run.
+    world.clock.advance(Duration::minutes(10));
+    let mut execution = second.open(&job, &run.id).await.unwrap().unwrap();
+    assert_eq!(
+        execution.run_to_completion().await.unwrap(),
+        RunStatus::Succeeded
+    );
+    let items = world.runs.items_of(&run.id);
+    assert!(items.iter().all(|i| i.status == ItemStatus::Succeeded));
+    let mut per_key: BTreeMap<String, usize> = BTreeMap::new();
+    for call in world.executor.calls() {
+        *per_key.entry(call.request.idempotency_key).or_default() += 1;
+    }
+    assert_eq!(per_key.len(), 40);
+    assert!(
+        per_key.values().all(|n| *n == 1),
+        "an item ran twice: {per_key:?}"
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_items_with_thirty_percent_retryable_failures_all_succeed() {
+    let world = World::new(Behaviour {
+        retryable_percent: 30,
+        ..Behaviour::default()
+    });
+    world.with_users(10_000);
+    let job = many(
+        10_000,
+        json!({
+            "execution": {"concurrency": 64, "chunk_size": 500},
+            "retry": {"max_attempts": 12, "initial_backoff_ms": 100, "max_backoff_ms": 2000}
+        }),
+    );
+    let (run, context) = run_job(&world, &job).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(
+        (
+            context.progress.succeeded,
+            context.progress.failed,
+            context.progress.total
+        ),
+        (10_000, 0, 10_000)
+    );
+    let calls = world.executor.calls();
+    let retried = calls.iter().filter(|c| c.attempt > 1).count();
+    // About 0.3 / 0.7 ≈ 43 % extra calls.
+    assert!((3_500..5_200).contains(&retried), "{retried} retries");
+    let items = world.runs.items_of(&run.id);
+    assert!(
+        items
+            .iter()
+            .all(|i| i.attempts <= 12 && i.status == ItemStatus::Succeeded)
+    );
+    // Every attempt of an item carried the same idempotency key.
+    let keys: HashSet<&str> = calls
+        .iter()
+        .map(|c| c.request.idempotency_key.as_str())
+        .collect();
+    assert_eq!(keys.len(), 10_000);
+}
+
+#[tokio::test]
+async fn permanent_failures_fail_at_once_and_a_panic_fails_only_its_item() {
+    let poison: HashSet<String> = ["u0003", "u0007"].into_iter().map(str::to_owned).collect();
+    let panics: HashSet<String> = ["u0005".to_owned()].into_iter().collect();
+    let world = World::new(Behaviour {
+        permanent: poison,
+        panics,
+        ..Behaviour::default()
+    });
+    world.with_users(10);
+    let (run, context) = run_job(&world, &many(10, json!({}))).await;
+    assert_eq!(run.status, RunStatus::CompletedWithFailures);
+    assert_eq!(
+        (
+            context.progress.succeeded,
+            context.progress.failed,
+            context.progress.processed
+        ),
+        (7, 3, 10)
+    );
+    let items = world.runs.items_of(&run.id);
+    let failed: Vec<(&str, u32)> = items
+        .iter()
+        .filter(|i| i.status == ItemStatus::Failed)
+        .map(|i| (i.key.as_str(), i.attempts))
+        .collect();
+    assert_eq!(failed, [("u0003", 1), ("u0005", 1), ("u0007", 1)]);
+    let panicked = items.iter().find(|i| i.key == "u0005").unwrap();
+    assert!(panicked.last_error.as_deref().unwrap().contains("panicked"));
+}
+
+#[tokio::test]
+async fn a_cancelled_run_stops_claiming_and_ends_with_exact_counts() {
+    let world = World::new(Behaviour::default());
+    world.with_users(20);
+    let job = many(
+        20,
+        json!({"execution": {"concurrency": 2, "chunk_size": 5}}),
+    );
+    let processor = world.processor("p1");
+    let run = processor
+        .start(&job, Trigger::Manual, None, &Scope::default(), None)
+        .await
+        .unwrap();
+    let mut progress = processor.subscribe(&run.id);
+    let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+    assert_eq!(execution.run_next_chunk().await.unwrap(), Step::Worked(5));
+    assert_eq!(
+        progress
+            .borrow_and_update()
+            .as_ref()
+            .unwrap()
+            .progress
+            .processed,
+        5
+    );
+    processor.cancel(&run.id);
+    assert_eq!(
+        execution.run_next_chunk().await.unwrap(),
+        Step::Finished(RunStatus::Cancelled)
+    );
+    let counts = world.runs.counts(&run.id).await.unwrap();
+    assert_eq!(
+        (counts.succeeded, counts.cancelled, counts.pending),
+        (5, 15, 0)
+    );
+    assert_eq!(world.executor.calls().len(), 5);
+    let last = progress.borrow_and_update().clone().unwrap();
+    assert_eq!(
+        (last.status, last.progress.processed, last.progress.total),
+        (RunStatus::Cancelled, 20, 20)
+    );
+}
+
+#[tokio::test]
+async fn progress_is_published_after_every_chunk_and_only_grows() {
+    let world = World::new(Behaviour {
+        retryable_percent: 20,
+        ..Behaviour::default()
+    });
+    world.with_users(30);
+    let job = many(
+        30,
+        json!({"execution": {"concurrency": 3, "chunk_size": 4}}),
+    );
+    let processor = world.processor("p1");
+    let run = processor
+        .start(&job, Trigger::Manual, None, &Scope::default(), None)
+        .await
+        .unwrap();
+    let mut progress = processor.subscribe(&run.id);
+    let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let step = execution.run_next_chunk().await.unwrap();
+        if let Some(event) = progress.borrow_and_update().clone() {
+            seen.push(event.progress.processed);
+        }
+        match step {
+            Step::Finished(status) => {
+                assert_eq!(status, RunStatus::Succeeded);
+                break;
+            }
+            Step::Idle(until) => world.clock.advance(until - world.clock_now()),
+            Step::Worked(_) => {}
+        }
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&30));
+}
+
+impl World {
+    fn clock_now(&self) -> DateTime<Utc> {
+        batch_ports::Clock::now(&*self.clock)
+    }
+}
