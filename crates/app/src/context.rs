@@ -86,6 +86,18 @@ impl ContextManager {
         Ok(context)
     }
 
+    /// The current context of `run` of `tenant`.
+    ///
+    /// # Errors
+    /// [`Error::Store`] with `NotFound` when there is none for `tenant`.
+    pub async fn current(
+        &self,
+        tenant: &batch_domain::TenantId,
+        run: &batch_domain::run::RunId,
+    ) -> Result<BatchContext, Error> {
+        Ok(self.contexts.context(tenant, run).await?)
+    }
+
     /// Merges the context of `child` into its parent's.
     ///
     /// # Errors

@@ -1,5 +1,5 @@
-//! `batch-server`, the agent-batch binary. Today it checks a jobs file and shows when each job
-//! fires next; later issues add `run`, `serve` and `migrate`.
+//! `batch-server`, the agent-batch binary: `check-config` validates a jobs file and shows when
+//! each job fires next; `run` runs one occurrence of a job now, in process, to completion.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
 mod check_config;
+mod run;
 
 /// The agent-batch server.
 #[derive(Debug, Parser)]
@@ -35,6 +36,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one occurrence of a job now, in this process, and print its batch context.
+    /// Exits 0 when every item succeeded, 1 when some did not, 2 on an error.
+    Run {
+        /// The job to run.
+        job: String,
+        /// The jobs file.
+        #[arg(long, env = "BATCH_JOBS_FILE", default_value = "config/jobs.json")]
+        jobs: PathBuf,
+        /// The database (created and migrated if needed).
+        #[arg(
+            long,
+            env = "BATCH_DATABASE_URL",
+            default_value = "sqlite://data/batch.db?mode=rwc"
+        )]
+        database_url: String,
+        /// The directory of execution templates.
+        #[arg(long, env = "BATCH_TEMPLATES_DIR", default_value = "config/templates")]
+        templates: PathBuf,
+        /// Sample data loaded into an empty embedded database.
+        #[arg(
+            long,
+            env = "BATCH_SAMPLE_DATA_DIR",
+            default_value = "config/sample-data"
+        )]
+        sample_data: PathBuf,
+        /// Create and use the stand-in tables of users, categories and preferences (default:
+        /// yes for SQLite, no for PostgreSQL).
+        #[arg(long, env = "BATCH_EXTERNAL_TABLES")]
+        external_tables: Option<bool>,
+        /// Print the context JSON alone on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
@@ -51,5 +85,54 @@ fn main() -> ExitCode {
             from,
             json,
         } => check_config::run(&file, next, from.unwrap_or_else(Utc::now), json),
+        Command::Run {
+            job,
+            jobs,
+            database_url,
+            templates,
+            sample_data,
+            external_tables,
+            json,
+        } => {
+            init_logs();
+            let args = run::RunArgs {
+                job,
+                jobs,
+                database_url,
+                templates,
+                sample_data,
+                external_tables,
+                json,
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("error: starting the async runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(run::run(args.clone())) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    if let Some(hint) = run::missing_hint(&args.jobs) {
+                        eprintln!("hint: {hint}");
+                    }
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
+}
+
+/// Logs go to stderr: warnings, and `info` of the service itself, unless `RUST_LOG` says
+/// otherwise.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,batch_app=info,batch_server=info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -21,6 +21,9 @@ mod categories;
 mod contexts;
 mod convert;
 mod preferences;
+mod sample;
+
+pub use sample::SampleCounts;
 mod runs;
 mod users;
 

@@ -102,6 +102,17 @@ impl Store {
     /// [`StoreError::Unavailable`] when the database cannot be reached.
     pub async fn upsert_preferences(&self, preferences: &[Preference]) -> Result<u64, StoreError> {
         let txn = self.db.begin().await.map_err(db_error)?;
+        let seq = self.upsert_preferences_in(&txn, preferences).await?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(seq)
+    }
+
+    /// [`Store::upsert_preferences`] inside a caller's transaction.
+    pub(crate) async fn upsert_preferences_in<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        preferences: &[Preference],
+    ) -> Result<u64, StoreError> {
         let row = txn
             .query_one_raw(self.statement(
                 "SELECT COALESCE(MAX(change_seq), 0) AS seq FROM user_preferences",
@@ -159,7 +170,6 @@ impl Store {
                 .await
                 .map_err(db_error)?;
         }
-        txn.commit().await.map_err(db_error)?;
         Ok(u64::try_from(seq).unwrap_or(0))
     }
 }
