@@ -44,6 +44,9 @@ pub struct ProcessorSettings {
     pub prepare: PrepareSettings,
     /// Seed of the backoff jitter, for reproducible tests; `None` seeds from the clock.
     pub seed: Option<u64>,
+    /// After a cancel, how long requests in flight may still finish before they are
+    /// abandoned (their items end `cancelled`).
+    pub cancel_grace: Duration,
 }
 
 impl Default for ProcessorSettings {
@@ -57,6 +60,7 @@ impl Default for ProcessorSettings {
             run_lease: Duration::from_secs(60),
             prepare: PrepareSettings::default(),
             seed: None,
+            cancel_grace: Duration::from_secs(10),
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct BatchProcessor {
     contexts: ContextManager,
     settings: ProcessorSettings,
     cancelled: Mutex<HashSet<RunId>>,
+    /// Bumped on every cancel, so executions waiting on requests notice at once.
+    cancel_signal: watch::Sender<u64>,
     watchers: Mutex<HashMap<RunId, watch::Sender<Option<ProgressEvent>>>>,
     rng: Mutex<SmallRng>,
 }
@@ -111,6 +117,7 @@ impl BatchProcessor {
             strategies,
             settings,
             cancelled: Mutex::new(HashSet::new()),
+            cancel_signal: watch::channel(0).0,
             watchers: Mutex::new(HashMap::new()),
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
         }
@@ -221,10 +228,13 @@ impl BatchProcessor {
         }))
     }
 
-    /// Asks `run` to stop: its execution claims nothing more, lets the chunk in flight finish,
-    /// marks what is left cancelled and ends the run `cancelled`.
+    /// Asks `run` to stop: its execution claims nothing more, lets requests in flight finish
+    /// for up to the cancel grace period and abandons the rest, marks what is left cancelled
+    /// and ends the run `cancelled` with exact counts.
     pub fn cancel(&self, run: &RunId) {
         lock(&self.cancelled).insert(run.clone());
+        self.cancel_signal
+            .send_modify(|generation| *generation += 1);
     }
 
     fn is_cancelled(&self, run: &RunId) -> bool {
@@ -268,8 +278,16 @@ pub struct Execution<'p> {
     notes: Vec<String>,
 }
 
+/// What became of one item's request.
+enum Attempted {
+    /// The request answered (or failed, timed out or panicked).
+    Answered(Result<Value, ExecuteError>),
+    /// The run was cancelled and the request abandoned after the grace period.
+    Abandoned,
+}
+
 /// The outcome of executing one item, before the retry decision.
-type Executed = (ItemRecord, Result<Value, ExecuteError>, Value);
+type Executed = (ItemRecord, Attempted, Value);
 
 impl Execution<'_> {
     /// The run as it was when opened.
@@ -454,23 +472,41 @@ impl Execution<'_> {
             by_task.insert(handle.id(), (item, request_context));
         }
         let mut done = Vec::with_capacity(by_task.len());
-        while let Some(joined) = tasks.join_next_with_id().await {
-            let (id, result) = match joined {
-                Ok((id, result)) => (id, result),
-                Err(e) => {
-                    let message = if e.is_panic() {
-                        "the item's execution panicked".to_owned()
-                    } else {
-                        format!("the item's execution was aborted: {e}")
-                    };
-                    (
-                        e.id(),
-                        Err(ExecuteError {
-                            kind: FailureKind::Permanent,
-                            message,
-                        }),
-                    )
+        let mut cancel = self.processor.cancel_signal.subscribe();
+        let grace = self.processor.settings.cancel_grace;
+        let clock = self.ports().clock.clone();
+        let mut deadline: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
+        loop {
+            if deadline.is_none() && self.processor.is_cancelled(&self.run.id) {
+                let clock = clock.clone();
+                deadline = Some(Box::pin(async move { clock.sleep(grace).await }));
+            }
+            let joined = tokio::select! {
+                joined = tasks.join_next_with_id() => joined,
+                changed = cancel.changed(), if deadline.is_none() => {
+                    if changed.is_err() {
+                        // The processor is gone; nothing will cancel any more.
+                        cancel = watch::channel(0).1;
+                    }
+                    continue;
                 }
+                () = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => {
+                    tasks.abort_all();
+                    deadline = Some(Box::pin(std::future::pending()));
+                    continue;
+                }
+            };
+            let Some(joined) = joined else { break };
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, Attempted::Answered(result)),
+                Err(e) if e.is_panic() => (
+                    e.id(),
+                    Attempted::Answered(Err(ExecuteError {
+                        kind: FailureKind::Permanent,
+                        message: "the item's execution panicked".to_owned(),
+                    })),
+                ),
+                Err(e) => (e.id(), Attempted::Abandoned),
             };
             if let Some((item, request_context)) = by_task.remove(&id) {
                 done.push((item, result, request_context));
@@ -482,14 +518,21 @@ impl Execution<'_> {
     fn outcome(
         &self,
         item: ItemRecord,
-        result: Result<Value, ExecuteError>,
+        result: Attempted,
         request_context: Value,
         now: DateTime<Utc>,
     ) -> ItemOutcome {
         let attempts = item.attempts + 1;
         let (status, next_attempt_at, error, result) = match result {
-            Ok(value) => (ItemStatus::Succeeded, None, None, Some(value)),
-            Err(e) => match self.processor.decide(&self.job, attempts, e.kind) {
+            Attempted::Answered(Ok(value)) => (ItemStatus::Succeeded, None, None, Some(value)),
+            Attempted::Abandoned => (
+                ItemStatus::Cancelled,
+                None,
+                Some("abandoned: the run was cancelled while the request was in flight".to_owned()),
+                None,
+            ),
+            Attempted::Answered(Err(e)) => match self.processor.decide(&self.job, attempts, e.kind)
+            {
                 Decision::RetryAfter(delay) => (
                     ItemStatus::Pending,
                     Some(now + chrono_duration(delay)),

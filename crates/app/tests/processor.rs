@@ -616,6 +616,58 @@ async fn a_cancelled_run_stops_claiming_and_ends_with_exact_counts() {
 }
 
 #[tokio::test]
+async fn a_request_stalled_past_the_cancel_grace_is_abandoned() {
+    let stalls: HashSet<String> = ["u0001".to_owned()].into_iter().collect();
+    let world = World::new(Behaviour {
+        stalls,
+        ..Behaviour::default()
+    });
+    world.with_users(3);
+    let job = many(3, json!({"execution": {"concurrency": 3, "chunk_size": 3}}));
+    let processor = world.processor("p1");
+    let run = processor
+        .start(&job, Trigger::Manual, None, &Scope::default(), None)
+        .await
+        .unwrap();
+    let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+    let cancel = async {
+        // Wait (without sleeping) until every request of the chunk has started.
+        for _ in 0..10_000 {
+            if world.executor.calls().len() == 3 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(world.executor.calls().len(), 3);
+        processor.cancel(&run.id);
+    };
+    let (step, ()) = tokio::join!(execution.run_next_chunk(), cancel);
+    assert_eq!(step.unwrap(), Step::Worked(3));
+    assert_eq!(
+        execution.run_next_chunk().await.unwrap(),
+        Step::Finished(RunStatus::Cancelled)
+    );
+    let items = world.runs.items_of(&run.id);
+    let statuses: Vec<(&str, ItemStatus)> =
+        items.iter().map(|i| (i.key.as_str(), i.status)).collect();
+    assert_eq!(
+        statuses,
+        [
+            ("u0000", ItemStatus::Succeeded),
+            ("u0001", ItemStatus::Cancelled),
+            ("u0002", ItemStatus::Succeeded)
+        ]
+    );
+    assert!(
+        items[1]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("abandoned")
+    );
+}
+
+#[tokio::test]
 async fn progress_is_published_after_every_chunk_and_only_grows() {
     let world = World::new(Behaviour {
         retryable_percent: 20,

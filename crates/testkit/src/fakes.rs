@@ -793,6 +793,8 @@ pub struct Behaviour {
     pub permanent: HashSet<String>,
     /// Item keys whose execution panics.
     pub panics: HashSet<String>,
+    /// Item keys whose execution never answers.
+    pub stalls: HashSet<String>,
 }
 
 /// A request executor that records every call, the highest number in flight at once, and
@@ -879,6 +881,9 @@ impl RequestExecutor for FakeExecutor {
             .idempotency_key
             .split_once(':')
             .map_or(request.idempotency_key.as_str(), |(_, k)| k);
+        if behaviour.stalls.contains(item) {
+            std::future::pending::<()>().await;
+        }
         if behaviour.panics.contains(item) {
             panic!("the fake executor was told to panic on {item}");
         }
