@@ -67,6 +67,17 @@ impl SourceError {
     }
 }
 
+/// A store failure seen through a data-source port: connection trouble stays retryable.
+impl From<runs::StoreError> for SourceError {
+    fn from(e: runs::StoreError) -> Self {
+        match e {
+            runs::StoreError::Unavailable(m) => SourceError::Unavailable(m),
+            runs::StoreError::NotFound(m) => SourceError::NotFound(m),
+            other => SourceError::Unexpected(other.to_string()),
+        }
+    }
+}
+
 /// Valid and invalid user ids, as found by [`UserRepository::validate_users`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserValidation {

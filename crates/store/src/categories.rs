@@ -9,7 +9,7 @@ use batch_ports::{CategoryItem, CategoryRepository, ItemPage, SourceError};
 use sea_orm::{ConnectionTrait, DbBackend, Value};
 
 use crate::Store;
-use crate::convert::db_error;
+use crate::convert::source_error;
 
 /// Builds a `WHERE` clause, numbering parameters as it binds them.
 pub(crate) struct Sql {
@@ -145,13 +145,6 @@ impl Sql {
                 parts.join(" AND ")
             }
         }
-    }
-}
-
-fn source_error(e: sea_orm::DbErr) -> SourceError {
-    match db_error(e) {
-        batch_ports::runs::StoreError::Unavailable(m) => SourceError::Unavailable(m),
-        other => SourceError::Unexpected(other.to_string()),
     }
 }
 

@@ -39,6 +39,11 @@ pub fn db_error(error: DbErr) -> StoreError {
     }
 }
 
+/// Maps a database error to a data-source error (see [`db_error`]).
+pub(crate) fn source_error(error: DbErr) -> batch_ports::SourceError {
+    db_error(error).into()
+}
+
 /// Milliseconds since the epoch, the stored form of instants.
 pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()

@@ -10,7 +10,7 @@ use batch_ports::{PreferencePage, PreferenceSource, SourceError};
 use sea_orm::{ConnectionTrait, QueryResult, TransactionTrait, Value};
 
 use crate::Store;
-use crate::convert::db_error;
+use crate::convert::{db_error, source_error};
 
 const COLUMNS: &str = "tenant, user_id, feature_type, frequency, time_of_day, time_zone, weekday, \
     day_of_month, template_override, parameters, enabled, version, change_seq";
@@ -36,16 +36,8 @@ fn parse_frequency(text: &str) -> Option<Frequency> {
     }
 }
 
-fn source_error(e: StoreError) -> SourceError {
-    match e {
-        StoreError::Unavailable(m) => SourceError::Unavailable(m),
-        other => SourceError::Unexpected(other.to_string()),
-    }
-}
-
 fn get<T: sea_orm::TryGetable>(row: &QueryResult, column: &str) -> Result<T, SourceError> {
-    row.try_get("", column)
-        .map_err(|e| source_error(db_error(e)))
+    row.try_get("", column).map_err(source_error)
 }
 
 /// A stored row as a preference. Values users typed wrong (an unknown frequency, `7pm`) read as
@@ -203,7 +195,7 @@ impl PreferenceSource for Store {
                 ],
             ))
             .await
-            .map_err(|e| source_error(db_error(e)))?;
+            .map_err(source_error)?;
         let preferences = rows.iter().map(preference).collect::<Result<Vec<_>, _>>()?;
         let next_page = (preferences.len() == page_size && page_size > 0)
             .then(|| preferences.last().map(|p| encode_token(p.user.as_str())))
@@ -236,7 +228,7 @@ impl PreferenceSource for Store {
                 ],
             ))
             .await
-            .map_err(|e| source_error(db_error(e)))?;
+            .map_err(source_error)?;
         let mut high = watermark;
         for row in &rows {
             high = high.max(u64::try_from(get::<i64>(row, "change_seq")?).unwrap_or(0));

@@ -10,17 +10,10 @@ use sea_orm::{ConnectionTrait, Value};
 
 use crate::Store;
 use crate::categories::Sql;
-use crate::convert::db_error;
+use crate::convert::source_error;
 
 /// Ids per `IN (…)` query.
 const VALIDATE_CHUNK: usize = 1_000;
-
-fn source_error(e: batch_ports::runs::StoreError) -> SourceError {
-    match e {
-        batch_ports::runs::StoreError::Unavailable(m) => SourceError::Unavailable(m),
-        other => SourceError::Unexpected(other.to_string()),
-    }
-}
 
 #[async_trait]
 impl UserRepository for Store {
@@ -49,11 +42,9 @@ impl UserRepository for Store {
                 .db
                 .query_all_raw(self.statement(&sql, values))
                 .await
-                .map_err(|e| source_error(db_error(e)))?;
+                .map_err(source_error)?;
             for row in rows {
-                let id: String = row
-                    .try_get("", "user_id")
-                    .map_err(|e| source_error(db_error(e)))?;
+                let id: String = row.try_get("", "user_id").map_err(source_error)?;
                 found.insert(id);
             }
         }
@@ -95,12 +86,10 @@ impl UserRepository for Store {
             .db
             .query_all_raw(self.statement(&query, sql.values))
             .await
-            .map_err(|e| source_error(db_error(e)))?;
+            .map_err(source_error)?;
         rows.iter()
             .map(|row| {
-                let id: String = row
-                    .try_get("", "user_id")
-                    .map_err(|e| source_error(db_error(e)))?;
+                let id: String = row.try_get("", "user_id").map_err(source_error)?;
                 UserId::parse(id)
                     .map_err(|e| SourceError::Unexpected(format!("stored user id: {e}")))
             })
