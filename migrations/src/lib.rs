@@ -18,6 +18,7 @@ mod m20261128_000001_create_runs;
 mod m20261128_000002_create_external;
 mod m20261128_000003_create_contexts;
 mod m20261128_000004_item_leases;
+mod m20261128_000005_schedule_states;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_create_runs::Migration),
             Box::new(m20261128_000003_create_contexts::Migration),
             Box::new(m20261128_000004_item_leases::Migration),
+            Box::new(m20261128_000005_schedule_states::Migration),
         ]
     }
 }

@@ -11,6 +11,7 @@
 pub mod context;
 mod limits;
 pub mod processor;
+pub mod scheduler;
 pub mod strategy;
 
 use std::sync::Arc;

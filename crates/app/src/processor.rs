@@ -142,6 +142,43 @@ impl BatchProcessor {
         scope: &Scope,
         parent: Option<RunId>,
     ) -> Result<RunRecord, Error> {
+        self.create_run(job, trigger, scheduled_for, None, scope, parent)
+            .await
+    }
+
+    /// Prepares and creates the run of a schedule's occurrence (see [`BatchProcessor::start`]).
+    /// At most one run exists per occurrence.
+    ///
+    /// # Errors
+    /// [`Error::Store`] with `AlreadyExists` when the occurrence has its run already; otherwise
+    /// as [`BatchProcessor::start`].
+    pub async fn start_occurrence(
+        &self,
+        job: &Job,
+        occurrence: i64,
+        nominal: DateTime<Utc>,
+        scope: &Scope,
+    ) -> Result<RunRecord, Error> {
+        self.create_run(
+            job,
+            Trigger::Scheduled,
+            Some(nominal),
+            Some(occurrence),
+            scope,
+            None,
+        )
+        .await
+    }
+
+    async fn create_run(
+        &self,
+        job: &Job,
+        trigger: Trigger,
+        scheduled_for: Option<DateTime<Utc>>,
+        occurrence: Option<i64>,
+        scope: &Scope,
+        parent: Option<RunId>,
+    ) -> Result<RunRecord, Error> {
         let strategy = self.strategies.for_job(job)?;
         let prepared = strategy
             .prepare(job, scope, &self.ports, &self.settings.prepare)
@@ -155,7 +192,7 @@ impl BatchProcessor {
             trigger,
             priority: job.priority,
             scheduled_for,
-            occurrence: None,
+            occurrence,
             parent,
             created_at: self.ports.clock.now(),
         };

@@ -11,6 +11,7 @@ pub mod batch_type;
 pub mod config;
 pub mod context;
 pub mod ids;
+pub mod misfire;
 pub mod preference;
 pub mod priority;
 pub mod retry;

@@ -8,6 +8,7 @@
 
 pub mod contexts;
 pub mod runs;
+pub mod schedules;
 
 use async_trait::async_trait;
 use batch_domain::config::{CategorySelection, Filter};

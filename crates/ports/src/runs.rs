@@ -20,6 +20,9 @@ pub enum StoreError {
     /// expired. The caller must stop working on the run; nothing was written.
     #[error("lease lost: {0}")]
     LeaseLost(String),
+    /// What was to be created exists already (a run for an occurrence, say).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
     /// The database is used in a way it does not support (a second process on one SQLite
     /// file, say).
     #[error("{0}")]
@@ -164,10 +167,17 @@ pub trait RunStore: Send + Sync {
         group: &str,
     ) -> Result<Occurrence, StoreError>;
 
+    /// The run created for occurrence `occurrence`, if there is one.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn run_for_occurrence(&self, occurrence: i64) -> Result<Option<RunId>, StoreError>;
+
     /// Creates a run in status `queued` with its items, in set-based statements inside one
     /// transaction.
     ///
     /// # Errors
+    /// [`StoreError::AlreadyExists`] when the occurrence has a run already;
     /// [`StoreError::Unexpected`] for a duplicate run id or item key; nothing is written.
     async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError>;
 

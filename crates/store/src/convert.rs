@@ -34,6 +34,11 @@ pub fn db_error(error: DbErr) -> StoreError {
     };
     if unavailable {
         StoreError::Unavailable(error.to_string())
+    } else if matches!(
+        error.sql_err(),
+        Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+    ) {
+        StoreError::AlreadyExists(error.to_string())
     } else {
         StoreError::Unexpected(error.to_string())
     }

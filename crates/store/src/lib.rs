@@ -22,6 +22,7 @@ mod contexts;
 mod convert;
 mod preferences;
 mod sample;
+mod schedules;
 
 pub use sample::SampleCounts;
 mod runs;

@@ -111,6 +111,22 @@ impl RunStore for Store {
         })
     }
 
+    async fn run_for_occurrence(&self, occurrence: i64) -> Result<Option<RunId>, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT id FROM runs WHERE occurrence_id = $1",
+                vec![big(occurrence)],
+            ))
+            .await
+            .map_err(db_error)?;
+        row.map(|row| {
+            let id: String = row.try_get("", "id").map_err(db_error)?;
+            RunId::parse(id).map_err(|e| StoreError::Unexpected(format!("stored run id: {e}")))
+        })
+        .transpose()
+    }
+
     async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
         let txn = self.db.begin().await.map_err(db_error)?;
         let sql = format!(
@@ -134,6 +150,7 @@ impl RunStore for Store {
         .await
         .map_err(db_error)?;
         if let Some(occurrence) = run.occurrence {
+            // The unique index makes a second run for one occurrence fail here.
             txn.execute_raw(self.statement(
                 "UPDATE runs SET occurrence_id = $2 WHERE id = $1",
                 vec![text(run.id.as_str()), big(occurrence)],

@@ -203,7 +203,9 @@ struct Runs {
     runs: BTreeMap<RunId, RunRecord>,
     items: HashMap<RunId, Vec<(ItemRecord, Option<Lease>)>>,
     occurrences: HashMap<(String, i64, String), i64>,
+    run_occurrences: HashMap<i64, RunId>,
     contexts: HashMap<RunId, (String, BatchContext)>,
+    schedules: BTreeMap<(String, String), batch_ports::schedules::ScheduleState>,
     references: Vec<(String, BatchReference)>,
 }
 
@@ -274,8 +276,20 @@ impl RunStore for MemoryRuns {
         }
     }
 
+    async fn run_for_occurrence(&self, occurrence: i64) -> Result<Option<RunId>, StoreError> {
+        Ok(lock(&self.state).run_occurrences.get(&occurrence).cloned())
+    }
+
     async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
+        if let Some(occurrence) = run.occurrence {
+            if state.run_occurrences.contains_key(&occurrence) {
+                return Err(StoreError::AlreadyExists(format!(
+                    "a run for occurrence {occurrence}"
+                )));
+            }
+            state.run_occurrences.insert(occurrence, run.id.clone());
+        }
         if state.runs.contains_key(&run.id) {
             return Err(StoreError::Unexpected(format!("duplicate run {}", run.id)));
         }
@@ -907,5 +921,34 @@ impl RequestExecutor for FakeExecutor {
             "payload": request.payload,
             "parameters": request.parameters,
         }))
+    }
+}
+
+#[async_trait]
+impl batch_ports::schedules::ScheduleStore for MemoryRuns {
+    async fn schedule_states(
+        &self,
+    ) -> Result<Vec<batch_ports::schedules::ScheduleState>, StoreError> {
+        Ok(lock(&self.state).schedules.values().cloned().collect())
+    }
+
+    async fn advance_schedule(
+        &self,
+        expected: Option<Option<DateTime<Utc>>>,
+        state: &batch_ports::schedules::ScheduleState,
+        _now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut all = lock(&self.state);
+        let key = (state.job.to_string(), state.group.clone());
+        let current = all.schedules.get(&key).map(|s| s.next_nominal);
+        let matches = match (expected, current) {
+            (None, None) => true,
+            (Some(seen), Some(now)) => seen == now,
+            _ => false,
+        };
+        if matches {
+            all.schedules.insert(key, state.clone());
+        }
+        Ok(matches)
     }
 }

@@ -1,0 +1,289 @@
+//! The BatchScheduler with a simulated clock over in-memory fakes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use batch_app::Ports;
+use batch_app::processor::{BatchProcessor, ProcessorSettings};
+use batch_app::scheduler::BatchScheduler;
+use batch_app::strategy::Strategies;
+use batch_domain::config::{Job, parse_job};
+use batch_domain::{JobId, TenantId};
+use batch_ports::runs::{Occurrence, RunStore};
+use batch_testkit::ManualClock;
+use batch_testkit::fakes::{
+    Behaviour, FakeCategories, FakeExecutor, FakePreferences, FakeTemplates, FakeUsers, MemoryRuns,
+};
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Value, json};
+
+fn utc(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+}
+
+fn job(id: &str, schedule: Value, misfire: Value) -> Job {
+    parse_job(json!({
+        "id": id, "tenant": "acme", "type": "BATCH_USERS", "template": "digest",
+        "source": {"users": {"ids": ["u1"]}},
+        "schedule": schedule, "misfire": misfire,
+    }))
+    .unwrap_or_else(|p| panic!("{p}"))
+}
+
+struct World {
+    runs: Arc<MemoryRuns>,
+    processor: Arc<BatchProcessor>,
+}
+
+fn world(start: DateTime<Utc>) -> World {
+    let runs = Arc::new(MemoryRuns::default());
+    let users = Arc::new(FakeUsers::default());
+    users.insert("acme", ["u1"]);
+    let clock = Arc::new(ManualClock::new(start));
+    let templates = Arc::new(FakeTemplates::default());
+    templates.insert("digest", "x");
+    let ports = Ports {
+        runs: runs.clone(),
+        contexts: runs.clone(),
+        users,
+        categories: Arc::new(FakeCategories::default()),
+        preferences: Arc::new(FakePreferences::default()),
+        templates,
+        executor: Arc::new(FakeExecutor::new(Behaviour::default(), clock.clone())),
+        clock,
+    };
+    let processor = Arc::new(BatchProcessor::new(
+        ports,
+        Strategies::default(),
+        ProcessorSettings::default(),
+    ));
+    World { runs, processor }
+}
+
+impl World {
+    fn scheduler(&self, jobs: &[Job]) -> BatchScheduler {
+        BatchScheduler::new(
+            self.processor.clone(),
+            self.runs.clone(),
+            self.runs.clone(),
+            jobs,
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_week_of_ticks_across_a_dst_change_fires_exactly_the_domain_instants() {
+    // Berlin springs forward on 2027-03-28: 02:00 → 03:00.
+    let start = utc("2027-03-25T00:00:00Z");
+    let end = utc("2027-04-01T00:00:00Z");
+    let jobs = vec![
+        job(
+            "hourly",
+            json!({"frequency": "hourly", "minute": 30, "timezone": "Europe/Berlin"}),
+            json!({"policy": "skip"}),
+        ),
+        job(
+            "nightly",
+            json!({"frequency": "daily", "at": "02:30", "timezone": "Europe/Berlin"}),
+            json!({"policy": "skip"}),
+        ),
+        job(
+            "weekly",
+            json!({"frequency": "weekly", "on": "sunday", "at": "02:15", "timezone": "Europe/Berlin"}),
+            json!({"policy": "skip"}),
+        ),
+        job(
+            "quarter",
+            json!({"cron": "0 */15 * * * *", "timezone": "America/New_York"}),
+            json!({"policy": "skip"}),
+        ),
+    ];
+    let world = world(start);
+    let scheduler = world.scheduler(&jobs);
+    let mut fired = Vec::new();
+    let mut now = start;
+    while now < end {
+        let report = scheduler.tick(now).await.unwrap();
+        assert_eq!(report.dropped, 0);
+        fired.extend(
+            report
+                .fired
+                .into_iter()
+                .map(|f| (f.job.to_string(), f.nominal)),
+        );
+        now += Duration::minutes(1);
+    }
+    let mut expected = Vec::new();
+    for job in &jobs {
+        let schedule = job.schedule.as_ref().unwrap();
+        for nominal in schedule
+            .nominals_after(start - Duration::milliseconds(1))
+            .take_while(|n| *n < end)
+        {
+            expected.push((job.id.to_string(), nominal));
+        }
+    }
+    fired.sort();
+    expected.sort();
+    assert_eq!(fired, expected);
+    // The nightly job fired at 03:00 local (01:00Z) on the day 02:30 did not exist.
+    assert!(fired.contains(&("nightly".to_owned(), utc("2027-03-28T01:00:00Z"))));
+    // Berlin's whole-hour shift skips local 02:30 once, yet every UTC hour keeps its fire.
+    assert_eq!(fired.iter().filter(|(j, _)| j == "hourly").count(), 7 * 24);
+    let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let on_dst_day: Vec<String> = fired
+        .iter()
+        .filter(|(j, _)| j == "hourly")
+        .map(|(_, t)| t.with_timezone(&berlin))
+        .filter(|t| t.date_naive() == chrono::NaiveDate::from_ymd_opt(2027, 3, 28).unwrap())
+        .map(|t| t.format("%H:%M").to_string())
+        .collect();
+    assert_eq!(
+        on_dst_day.len(),
+        23,
+        "the local day has 23 hours: {on_dst_day:?}"
+    );
+    assert!(!on_dst_day.contains(&"02:30".to_owned()));
+}
+
+#[tokio::test]
+async fn after_downtime_each_misfire_policy_holds() {
+    let start = utc("2027-01-01T09:30:00Z");
+    let hourly = json!({"frequency": "hourly", "minute": 0});
+    let jobs = vec![
+        job("skip", hourly.clone(), json!({"policy": "skip"})),
+        job("once", hourly.clone(), json!({"policy": "fire_once"})),
+        job(
+            "catch",
+            hourly,
+            json!({"policy": "catch_up", "window_seconds": 7200}),
+        ),
+    ];
+    let world = world(start);
+    let scheduler = world.scheduler(&jobs);
+    assert!(scheduler.tick(start).await.unwrap().fired.is_empty());
+    // Down from 09:30 to 14:30: 10:00–14:00 were missed.
+    let report = scheduler.tick(utc("2027-01-01T14:30:00Z")).await.unwrap();
+    let of = |job: &str| -> Vec<String> {
+        report
+            .fired
+            .iter()
+            .filter(|f| f.job.as_str() == job)
+            .map(|f| f.nominal.format("%H:%M").to_string())
+            .collect()
+    };
+    assert_eq!(of("skip"), Vec::<String>::new());
+    assert_eq!(of("once"), ["14:00"]);
+    assert_eq!(of("catch"), ["13:00", "14:00"]);
+    // Nothing is repeated afterwards, and the next fire is 15:00 for all.
+    assert!(
+        scheduler
+            .tick(utc("2027-01-01T14:59:00Z"))
+            .await
+            .unwrap()
+            .fired
+            .is_empty()
+    );
+    let next = scheduler.tick(utc("2027-01-01T15:00:00Z")).await.unwrap();
+    assert_eq!(next.fired.len(), 3);
+}
+
+#[tokio::test]
+async fn a_restart_neither_loses_nor_repeats_a_tick() {
+    let start = utc("2027-01-01T00:00:00Z");
+    let jobs = vec![job(
+        "every5",
+        json!({"cron": "0 */5 * * * *"}),
+        json!({"policy": "catch_up", "window_seconds": 3600}),
+    )];
+    let world = world(start);
+    let mut fired = Vec::new();
+    let mut now = start;
+    // Three lives of the process, with downtime in between.
+    for (life, until) in [(0, 37), (1, 80), (2, 121)] {
+        let scheduler = world.scheduler(&jobs);
+        while now <= start + Duration::minutes(until) {
+            fired.extend(
+                scheduler
+                    .tick(now)
+                    .await
+                    .unwrap()
+                    .fired
+                    .into_iter()
+                    .map(|f| f.nominal),
+            );
+            now += Duration::minutes(if life == 1 { 7 } else { 1 });
+        }
+        now += Duration::minutes(9);
+    }
+    let unique: BTreeSet<_> = fired.iter().collect();
+    assert_eq!(unique.len(), fired.len(), "a fire was repeated");
+    let expected: Vec<_> = (0..=24).map(|k| start + Duration::minutes(5 * k)).collect();
+    assert_eq!(
+        fired, expected,
+        "every 5 minutes from 00:00 to 02:00, none lost"
+    );
+}
+
+#[tokio::test]
+async fn an_occurrence_left_without_its_run_by_a_crash_gets_one_run() {
+    let start = utc("2027-01-01T10:00:00Z");
+    let jobs = vec![job(
+        "daily",
+        json!({"frequency": "daily", "at": "10:00"}),
+        json!({"policy": "fire_once"}),
+    )];
+    let world = world(start - Duration::hours(1));
+    let scheduler = world.scheduler(&jobs);
+    scheduler.tick(start - Duration::hours(1)).await.unwrap();
+    // Another replica created the occurrence, then died before creating its run.
+    let id = JobId::parse("daily").unwrap();
+    let acme = TenantId::parse("acme").unwrap();
+    let Occurrence::Created(occurrence) = world
+        .runs
+        .create_occurrence(&id, &acme, start, "")
+        .await
+        .unwrap()
+    else {
+        panic!("the occurrence was new")
+    };
+    let report = scheduler.tick(start).await.unwrap();
+    assert_eq!(report.fired.len(), 1);
+    assert!(report.fired[0].run.is_some());
+    assert!(
+        world
+            .runs
+            .run_for_occurrence(occurrence)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // A second scheduler (another replica) ticking the same instant creates nothing more.
+    let other = world.scheduler(&jobs);
+    let again = other.tick(start).await.unwrap();
+    assert!(again.fired.iter().all(|f| f.run.is_none()));
+}
+
+#[tokio::test]
+async fn next_fires_are_listed_soonest_first() {
+    let start = utc("2027-01-01T10:00:00Z");
+    let jobs = vec![
+        job(
+            "late",
+            json!({"frequency": "daily", "at": "18:00"}),
+            json!({}),
+        ),
+        job(
+            "soon",
+            json!({"frequency": "daily", "at": "11:00"}),
+            json!({}),
+        ),
+    ];
+    let world = world(start);
+    let next = world.scheduler(&jobs).next_fires(start).await.unwrap();
+    let order: Vec<&str> = next.iter().map(|n| n.job.as_str()).collect();
+    assert_eq!(order, ["soon", "late"]);
+    assert_eq!(next[0].nominal, utc("2027-01-01T11:00:00Z"));
+}
