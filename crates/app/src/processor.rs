@@ -226,6 +226,57 @@ impl BatchProcessor {
         else {
             return Ok(None);
         };
+        self.execution(job, record).await.map(Some)
+    }
+
+    /// Claims the next runnable run of any of `jobs` (queued runs, and runs whose owner's lease
+    /// expired: a crashed processor's runs are resumed here), highest priority first. `None`
+    /// when there is none. A claimed run whose job is not in `jobs` (removed from the
+    /// configuration) is released at once.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails.
+    pub async fn claim_next(
+        &self,
+        jobs: &HashMap<batch_domain::JobId, Job>,
+    ) -> Result<Option<Execution<'_>>, Error> {
+        let now = self.ports.clock.now();
+        let lease_until = now + chrono_duration(self.settings.run_lease);
+        for record in self
+            .ports
+            .runs
+            .claim_runs(&self.settings.owner, now, lease_until, 1)
+            .await?
+        {
+            match jobs.get(&record.job) {
+                Some(job) => return self.execution(job, record).await.map(Some),
+                None => {
+                    tracing::warn!(run = %record.id, job = %record.job, "run of an unknown job left alone");
+                    self.ports
+                        .runs
+                        .release_lease(&record.id, &self.settings.owner)
+                        .await?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Claims and runs runs one after another until none is left; returns how many ran.
+    ///
+    /// # Errors
+    /// The first error of a run.
+    pub async fn drain(&self, jobs: &HashMap<batch_domain::JobId, Job>) -> Result<usize, Error> {
+        let mut ran = 0;
+        while let Some(mut execution) = self.claim_next(jobs).await? {
+            execution.run_to_completion().await?;
+            ran += 1;
+        }
+        Ok(ran)
+    }
+
+    /// An execution of a run this processor has claimed.
+    async fn execution(&self, job: &Job, record: RunRecord) -> Result<Execution<'_>, Error> {
         let mut notes = Vec::new();
         let template = match self
             .ports
@@ -247,7 +298,7 @@ impl BatchProcessor {
             }
         };
         let limits = job.execution;
-        Ok(Some(Execution {
+        Ok(Execution {
             processor: self,
             job: job.clone(),
             template_missing: template.is_none() && notes.iter().any(|n| n.contains("not found")),
@@ -262,7 +313,7 @@ impl BatchProcessor {
             )),
             run: record,
             notes,
-        }))
+        })
     }
 
     /// Asks `run` to stop: its execution claims nothing more, lets requests in flight finish

@@ -287,3 +287,46 @@ async fn next_fires_are_listed_soonest_first() {
     assert_eq!(order, ["soon", "late"]);
     assert_eq!(next[0].nominal, utc("2027-01-01T11:00:00Z"));
 }
+
+#[tokio::test]
+async fn scheduled_runs_are_claimed_and_run_by_priority() {
+    let start = utc("2027-01-01T10:00:00Z");
+    let mut low = job(
+        "low",
+        json!({"frequency": "daily", "at": "10:00"}),
+        json!({}),
+    );
+    low.priority = batch_domain::Priority::LOW;
+    let mut high = job(
+        "high",
+        json!({"frequency": "daily", "at": "10:00"}),
+        json!({}),
+    );
+    high.priority = batch_domain::Priority::HIGH;
+    let jobs = vec![low, high];
+    let world = world(start);
+    let report = world.scheduler(&jobs).tick(start).await.unwrap();
+    assert_eq!(report.fired.len(), 2);
+    let by_id: std::collections::HashMap<_, _> =
+        jobs.iter().map(|j| (j.id.clone(), j.clone())).collect();
+    let first = world.processor.claim_next(&by_id).await.unwrap().unwrap();
+    assert_eq!(first.run().job.as_str(), "high");
+    drop(first);
+    // The claimed run is resumed after its lease expires; the rest run now.
+    assert_eq!(world.processor.drain(&by_id).await.unwrap(), 1);
+    let acme = TenantId::parse("acme").unwrap();
+    for fired in &report.fired {
+        let run = world
+            .runs
+            .run(&acme, fired.run.as_ref().unwrap())
+            .await
+            .unwrap();
+        let expected = if fired.job.as_str() == "low" {
+            batch_domain::run::RunStatus::Succeeded
+        } else {
+            batch_domain::run::RunStatus::Running
+        };
+        assert_eq!(run.status, expected, "{}", fired.job);
+        assert_eq!(run.scheduled_for, Some(start));
+    }
+}
