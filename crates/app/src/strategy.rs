@@ -26,7 +26,14 @@ use crate::{Error, Ports};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
     /// Only these users (all of the job's users when `None`).
-    pub users: Option<Vec<UserId>>,
+    pub users: Option<HashSet<UserId>>,
+}
+
+impl Scope {
+    /// Whether `user` belongs to the run.
+    pub fn includes(&self, user: &UserId) -> bool {
+        self.users.as_ref().is_none_or(|users| users.contains(user))
+    }
 }
 
 /// How large the pages and validation chunks of preparation are.
@@ -215,12 +222,7 @@ async fn source_users(
     ports: &Ports,
     settings: &PrepareSettings,
 ) -> Result<(Vec<UserId>, Vec<UserId>), Error> {
-    let in_scope = |user: &UserId| {
-        scope
-            .users
-            .as_ref()
-            .is_none_or(|users| users.contains(user))
-    };
+    let in_scope = |user: &UserId| scope.includes(user);
     match selection {
         UserSelection::Ids(ids) => {
             let ids: Vec<UserId> = ids.iter().filter(|u| in_scope(u)).cloned().collect();
@@ -321,12 +323,7 @@ async fn categories_prepared(
         valid: count(valid_refs.len()),
         invalid: count(parsed.len() - valid_refs.len()) + malformed,
     };
-    let in_scope = |user: &UserId| {
-        scope
-            .users
-            .as_ref()
-            .is_none_or(|users| users.contains(user))
-    };
+    let in_scope = |user: &UserId| scope.includes(user);
     let entry = |item: &CategoryItem| {
         let users: Vec<String> = item
             .user_refs

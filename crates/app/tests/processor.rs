@@ -709,3 +709,25 @@ impl World {
         batch_ports::Clock::now(&*self.clock)
     }
 }
+
+#[tokio::test]
+async fn a_scope_restricts_the_run_to_its_users() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({}));
+    let scope = Scope {
+        users: Some([UserId::parse("u0001").unwrap()].into_iter().collect()),
+    };
+    let processor = world.processor("p1");
+    let run = processor
+        .start(&job, Trigger::Scheduled, Some(t0()), &scope, None)
+        .await
+        .unwrap();
+    let keys: Vec<String> = world
+        .runs
+        .items_of(&run.id)
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+    assert_eq!(keys, ["u0001"]);
+}
