@@ -19,6 +19,7 @@ mod m20261128_000002_create_external;
 mod m20261128_000003_create_contexts;
 mod m20261128_000004_item_leases;
 mod m20261128_000005_schedule_states;
+mod m20261128_000006_run_overlap;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_create_contexts::Migration),
             Box::new(m20261128_000004_item_leases::Migration),
             Box::new(m20261128_000005_schedule_states::Migration),
+            Box::new(m20261128_000006_run_overlap::Migration),
         ]
     }
 }

@@ -194,6 +194,7 @@ impl BatchProcessor {
             scheduled_for,
             occurrence,
             parent,
+            serial: job.overlap != batch_domain::config::Overlap::AllowAll,
             created_at: self.ports.clock.now(),
         };
         self.ports
@@ -447,7 +448,8 @@ impl Execution<'_> {
         }
         let now = self.ports().clock.now();
         let owner = self.processor.settings.owner.clone();
-        self.ports()
+        let cancel_requested = self
+            .ports()
             .runs
             .renew_lease(
                 &run_id,
@@ -455,6 +457,15 @@ impl Execution<'_> {
                 now + chrono_duration(self.processor.settings.run_lease),
             )
             .await?;
+        if cancel_requested {
+            // Asked through the store (by another replica, say): stop like a local cancel.
+            self.processor.cancel(&run_id);
+            self.ports().runs.cancel_pending(&run_id, now).await?;
+            return self
+                .finish(Some(RunStatus::Cancelled))
+                .await
+                .map(Step::Finished);
+        }
         let chunk = self
             .ports()
             .runs

@@ -13,9 +13,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use batch_domain::JobId;
-use batch_domain::config::Job;
+use batch_domain::config::{Job, Overlap};
 use batch_domain::misfire::due_fires;
-use batch_domain::run::RunId;
+use batch_domain::run::{RunId, RunStatus};
 use batch_ports::runs::{Occurrence, RunStore, StoreError};
 use batch_ports::schedules::{ScheduleState, ScheduleStore};
 use chrono::{DateTime, Duration, Utc};
@@ -225,7 +225,13 @@ impl BatchScheduler {
         };
         let due = due_fires(schedule, job.id.as_str(), next_nominal, now, job.misfire);
         report.dropped += due.dropped;
+        let mut fired = Vec::with_capacity(due.fire.len());
         for nominal in &due.fire {
+            if !self.overlap_allows(job).await? {
+                report.dropped += 1;
+                continue;
+            }
+            fired.push(*nominal);
             let occurrence = match self
                 .runs
                 .create_occurrence(&job.id, &job.tenant, *nominal, "")
@@ -257,7 +263,7 @@ impl BatchScheduler {
             group: String::new(),
             tenant: job.tenant.clone(),
             next_nominal: due.next,
-            last_fired: due.fire.last().copied().or(last),
+            last_fired: fired.last().copied().or(last),
         };
         if self
             .schedules
@@ -274,6 +280,28 @@ impl BatchScheduler {
                     (s.next_nominal, s.last_fired)
                 }))
         }
+    }
+
+    /// Applies the job's overlap policy to a fire about to happen: whether it may create its
+    /// run. `cancel_other` asks the job's unfinished runs to stop; `buffer_one` keeps one run
+    /// waiting; `skip` fires only when nothing of the job is unfinished. The runs themselves
+    /// wait their turn at claim time (serial runs), except under `allow_all`.
+    async fn overlap_allows(&self, job: &Job) -> Result<bool, Error> {
+        if job.overlap == Overlap::AllowAll || job.overlap == Overlap::BufferAll {
+            return Ok(true);
+        }
+        let active = self.runs.active_runs(&job.id).await?;
+        Ok(match job.overlap {
+            Overlap::Skip => active.is_empty(),
+            Overlap::BufferOne => !active.iter().any(|r| r.status == RunStatus::Queued),
+            Overlap::CancelOther => {
+                for run in &active {
+                    self.runs.request_cancel(&run.id).await?;
+                }
+                true
+            }
+            Overlap::AllowAll | Overlap::BufferAll => true,
+        })
     }
 
     /// The next fire of every schedule, soonest first.

@@ -23,11 +23,12 @@ fn utc(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text).unwrap().to_utc()
 }
 
+/// A job whose runs may overlap: these tests look at timing, and nothing executes the runs.
 fn job(id: &str, schedule: Value, misfire: Value) -> Job {
     parse_job(json!({
         "id": id, "tenant": "acme", "type": "BATCH_USERS", "template": "digest",
         "source": {"users": {"ids": ["u1"]}},
-        "schedule": schedule, "misfire": misfire,
+        "schedule": schedule, "misfire": misfire, "overlap": "allow_all",
     }))
     .unwrap_or_else(|p| panic!("{p}"))
 }
@@ -329,4 +330,115 @@ async fn scheduled_runs_are_claimed_and_run_by_priority() {
         assert_eq!(run.status, expected, "{}", fired.job);
         assert_eq!(run.scheduled_for, Some(start));
     }
+}
+
+/// Ticks `job` at 10:00 and 11:00 (one run each time it may), returning the scheduler.
+async fn two_fires(
+    world: &World,
+    job: &Job,
+) -> (BatchScheduler, Vec<Option<batch_domain::run::RunId>>) {
+    let scheduler = world.scheduler(std::slice::from_ref(job));
+    let mut runs = Vec::new();
+    for at in ["2027-01-01T10:00:00Z", "2027-01-01T11:00:00Z"] {
+        let report = scheduler.tick(utc(at)).await.unwrap();
+        runs.extend(report.fired.into_iter().map(|f| f.run));
+    }
+    (scheduler, runs)
+}
+
+fn overlap_job(policy: &str) -> Job {
+    parse_job(json!({
+        "id": format!("overlap-{policy}"), "tenant": "acme", "type": "BATCH_USERS", "template": "digest",
+        "source": {"users": {"ids": ["u1"]}},
+        "schedule": {"frequency": "hourly", "minute": 0}, "overlap": policy,
+    }))
+    .unwrap()
+}
+
+fn by_id(job: &Job) -> std::collections::HashMap<JobId, Job> {
+    [(job.id.clone(), job.clone())].into_iter().collect()
+}
+
+#[tokio::test]
+async fn overlap_skip_and_allow_all() {
+    let start = utc("2027-01-01T09:59:00Z");
+    let world = world(start);
+    // The 10:00 run is still unfinished (no processor has run it) at 11:00.
+    let skip = overlap_job("skip");
+    let (_, runs) = two_fires(&world, &skip).await;
+    assert_eq!(runs.len(), 1, "skip drops the 11:00 fire");
+    let world = self::world(start);
+    let allow = overlap_job("allow_all");
+    let (_, runs) = two_fires(&world, &allow).await;
+    assert_eq!(runs.len(), 2);
+    // Both may run at once.
+    let first = world.processor.claim_next(&by_id(&allow)).await.unwrap();
+    let second = world.processor.claim_next(&by_id(&allow)).await.unwrap();
+    assert!(first.is_some() && second.is_some());
+}
+
+#[tokio::test]
+async fn overlap_buffers_wait_for_the_running_run() {
+    let world = world(utc("2027-01-01T09:59:00Z"));
+    let job = overlap_job("buffer_all");
+    let (scheduler, runs) = two_fires(&world, &job).await;
+    assert_eq!(runs.len(), 2);
+    let jobs = by_id(&job);
+    let mut first = world.processor.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(Some(first.run().id.clone()), runs[0]);
+    assert!(
+        world.processor.claim_next(&jobs).await.unwrap().is_none(),
+        "the second waits its turn"
+    );
+    first.run_to_completion().await.unwrap();
+    let second = world.processor.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(Some(second.run().id.clone()), runs[1]);
+    drop(second);
+    drop(scheduler);
+
+    // buffer_one keeps one waiting run: with one running and one queued, a third fire drops.
+    let job = overlap_job("buffer_one");
+    let jobs = by_id(&job);
+    let scheduler = world.scheduler(std::slice::from_ref(&job));
+    let fired = |report: batch_app::scheduler::TickReport| report.fired.len();
+    assert_eq!(
+        fired(scheduler.tick(utc("2027-01-01T10:00:00Z")).await.unwrap()),
+        1
+    );
+    assert_eq!(
+        fired(scheduler.tick(utc("2027-01-01T11:00:00Z")).await.unwrap()),
+        0,
+        "10:00 still waits"
+    );
+    let _running = world.processor.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(
+        fired(scheduler.tick(utc("2027-01-01T12:00:00Z")).await.unwrap()),
+        1,
+        "12:00 waits behind it"
+    );
+    let report = scheduler.tick(utc("2027-01-01T13:00:00Z")).await.unwrap();
+    assert_eq!((report.fired.len(), report.dropped), (0, 1));
+}
+
+#[tokio::test]
+async fn overlap_cancel_other_stops_the_running_run() {
+    let world = world(utc("2027-01-01T09:59:00Z"));
+    let job = overlap_job("cancel_other");
+    let jobs = by_id(&job);
+    let scheduler = world.scheduler(std::slice::from_ref(&job));
+    scheduler.tick(utc("2027-01-01T10:00:00Z")).await.unwrap();
+    let mut running = world.processor.claim_next(&jobs).await.unwrap().unwrap();
+    let report = scheduler.tick(utc("2027-01-01T11:00:00Z")).await.unwrap();
+    let newer = report.fired[0].run.clone().unwrap();
+    assert!(
+        world.processor.claim_next(&jobs).await.unwrap().is_none(),
+        "the new run waits for the old to stop"
+    );
+    // The old run's owner sees the request at its next step and stops.
+    assert_eq!(
+        running.run_next_chunk().await.unwrap(),
+        batch_app::processor::Step::Finished(batch_domain::run::RunStatus::Cancelled)
+    );
+    let next = world.processor.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(next.run().id, newer);
 }

@@ -51,6 +51,9 @@ pub struct NewRun {
     pub occurrence: Option<i64>,
     /// The run whose context this run's context merges into.
     pub parent: Option<RunId>,
+    /// A serial run is not claimed while another run of its job is running, nor before the
+    /// job's older queued serial runs (overlap policies other than `allow_all`).
+    pub serial: bool,
     /// When it was created.
     pub created_at: DateTime<Utc>,
 }
@@ -95,6 +98,8 @@ pub struct RunRecord {
     pub finished_at: Option<DateTime<Utc>>,
     /// The current lease, if any.
     pub lease: Option<Lease>,
+    /// Someone asked the run to stop.
+    pub cancel_requested: bool,
 }
 
 /// A stored item.
@@ -209,7 +214,8 @@ pub trait RunStore: Send + Sync {
         lease_until: DateTime<Utc>,
     ) -> Result<Option<RunRecord>, StoreError>;
 
-    /// Extends `owner`'s lease on `run` to `until`.
+    /// Extends `owner`'s lease on `run` to `until`; returns whether a cancel was requested
+    /// meanwhile (see [`RunStore::request_cancel`]).
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease.
@@ -218,7 +224,20 @@ pub trait RunStore: Send + Sync {
         run: &RunId,
         owner: &str,
         until: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
+
+    /// Asks `run` to stop; its owner sees the request at its next lease renewal. Any replica
+    /// may ask.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn request_cancel(&self, run: &RunId) -> Result<(), StoreError>;
+
+    /// The unfinished (queued or running) runs of `job`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn active_runs(&self, job: &JobId) -> Result<Vec<RunRecord>, StoreError>;
 
     /// Gives the lease on `run` up at once, so another process can resume it (graceful
     /// shutdown). Releasing a lease one does not hold is a no-op.

@@ -29,7 +29,8 @@ fn jobs() -> Vec<Job> {
             parse_job(json!({
                 "id": format!("job-{i:02}"), "tenant": "acme", "type": "BATCH_USERS",
                 "template": "digest", "source": {"users": {"ids": ["u1"]}},
-                "schedule": schedule, "misfire": {"policy": "catch_up", "window_seconds": 600}
+                "schedule": schedule, "misfire": {"policy": "catch_up", "window_seconds": 600},
+                "overlap": "allow_all"
             }))
             .unwrap()
         })

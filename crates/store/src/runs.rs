@@ -59,6 +59,16 @@ fn json(v: Option<serde_json::Value>) -> Value {
     Value::Json(v.map(Box::new))
 }
 
+/// A serial run may start only when no other run of its job is running and no older queued
+/// serial run of its job waits (a running run itself passes: its lease may be taken over).
+const SERIAL_READY: &str = "(NOT serial OR status = 'running' OR (\
+    NOT EXISTS (SELECT 1 FROM runs other WHERE other.job_id = runs.job_id \
+        AND other.id <> runs.id AND other.status = 'running') \
+    AND NOT EXISTS (SELECT 1 FROM runs older WHERE older.job_id = runs.job_id \
+        AND older.serial AND older.status = 'queued' \
+        AND (older.created_ms < runs.created_ms \
+             OR (older.created_ms = runs.created_ms AND older.id < runs.id)))))";
+
 /// The lock clause that lets concurrent claimers pass each other on PostgreSQL. SQLite has a
 /// single writer, and the claim is one statement.
 fn skip_locked(backend: DbBackend) -> &'static str {
@@ -129,12 +139,11 @@ impl RunStore for Store {
 
     async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
         let txn = self.db.begin().await.map_err(db_error)?;
-        let sql = format!(
-            "INSERT INTO runs ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL)",
-            RUN_COLUMNS
-        );
+        let sql = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
+                scheduled_for_ms, parent_id, created_ms, serial) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
         txn.execute_raw(self.statement(
-            &sql,
+            sql,
             vec![
                 text(run.id.as_str()),
                 text(run.job.as_str()),
@@ -145,6 +154,7 @@ impl RunStore for Store {
                 optional_big(run.scheduled_for.map(millis)),
                 optional_text(run.parent.as_ref().map(RunId::as_str)),
                 big(millis(run.created_at)),
+                Value::Bool(Some(run.serial)),
             ],
         ))
         .await
@@ -200,6 +210,7 @@ impl RunStore for Store {
             "WITH picked AS MATERIALIZED (SELECT id AS pick_id FROM runs \
                  WHERE status IN ('queued', 'running') \
                    AND (lease_expires_ms IS NULL OR lease_expires_ms <= $3) \
+                   AND {SERIAL_READY} \
                  ORDER BY priority DESC, created_ms, id LIMIT $4{}) \
              UPDATE runs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, \
                  started_ms = COALESCE(started_ms, $3) \
@@ -243,6 +254,7 @@ impl RunStore for Store {
                  started_ms = COALESCE(started_ms, $4) \
              WHERE id = $1 AND status IN ('queued', 'running') \
                AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4) \
+               AND {SERIAL_READY} \
              RETURNING {RUN_COLUMNS}"
         );
         let row = self
@@ -266,24 +278,48 @@ impl RunStore for Store {
         run: &RunId,
         owner: &str,
         until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let renewed = self
+    ) -> Result<bool, StoreError> {
+        let row = self
             .db
-            .execute_raw(self.statement(
+            .query_one_raw(self.statement(
                 "UPDATE runs SET lease_expires_ms = $3 \
-                 WHERE id = $1 AND lease_owner = $2 AND status IN ('queued', 'running')",
+                 WHERE id = $1 AND lease_owner = $2 AND status IN ('queued', 'running') \
+                 RETURNING cancel_requested",
                 vec![text(run.as_str()), text(owner), big(millis(until))],
             ))
             .await
-            .map_err(db_error)?
-            .rows_affected();
-        if renewed == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LeaseLost(format!(
+            .map_err(db_error)?;
+        match row {
+            Some(row) => row.try_get("", "cancel_requested").map_err(db_error),
+            None => Err(StoreError::LeaseLost(format!(
                 "{owner} does not hold the lease on run {run}"
-            )))
+            ))),
         }
+    }
+
+    async fn request_cancel(&self, run: &RunId) -> Result<(), StoreError> {
+        self.db
+            .execute_raw(self.statement(
+                "UPDATE runs SET cancel_requested = TRUE \
+                 WHERE id = $1 AND status IN ('queued', 'running')",
+                vec![text(run.as_str())],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn active_runs(&self, job: &JobId) -> Result<Vec<RunRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs \
+             WHERE job_id = $1 AND status IN ('queued', 'running') ORDER BY created_ms, id"
+        );
+        let rows = self
+            .db
+            .query_all_raw(self.statement(&sql, vec![text(job.as_str())]))
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(run_record).collect()
     }
 
     async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError> {

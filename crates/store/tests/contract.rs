@@ -63,6 +63,7 @@ fn new_run(id: &str, tenant_name: &str, created: DateTime<Utc>) -> NewRun {
         scheduled_for: Some(created),
         occurrence: None,
         parent: None,
+        serial: false,
         created_at: created,
     }
 }
@@ -1016,6 +1017,90 @@ async fn preferences_are_paged_and_changes_follow_a_watermark(backend: Backend) 
     );
 }
 
+async fn serial_runs_wait_their_turn_and_cancels_reach_the_owner(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let mut runs = Vec::new();
+    for (id, job, serial, offset) in [
+        ("a", "job-a", true, 0),
+        ("b", "job-a", true, 1),
+        ("c", "job-a", false, 2),
+        ("d", "job-b", true, 3),
+    ] {
+        let mut run = new_run(id, "acme", t0() + Duration::seconds(offset));
+        run.job = JobId::parse(job).unwrap();
+        run.serial = serial;
+        runs.push(run.id.clone());
+        store.create_run(run, items(1)).await.unwrap();
+    }
+    let lease = |s: i64| t0() + Duration::seconds(s);
+    let claimed: BTreeSet<String> = store
+        .claim_runs("w", lease(10), lease(100), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(
+        claimed,
+        ["a", "c", "d"].into_iter().map(str::to_owned).collect(),
+        "b waits behind a"
+    );
+    assert!(
+        store
+            .claim_runs("w", lease(11), lease(100), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .claim_run(&runs[1], "w", lease(11), lease(100))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .finish_run(&runs[0], "w", RunStatus::Succeeded, lease(12))
+        .await
+        .unwrap();
+    // c (not serial) still runs, and a serial run waits for any running run of its job.
+    assert!(
+        store
+            .claim_runs("w", lease(13), lease(100), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .finish_run(&runs[2], "w", RunStatus::Succeeded, lease(13))
+        .await
+        .unwrap();
+    let next = store
+        .claim_runs("w", lease(13), lease(100), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    let active: Vec<String> = store
+        .active_runs(&JobId::parse("job-a").unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(active, ["b"]);
+    assert!(!store.renew_lease(&runs[1], "w", lease(200)).await.unwrap());
+    store.request_cancel(&runs[1]).await.unwrap();
+    assert!(
+        store.renew_lease(&runs[1], "w", lease(200)).await.unwrap(),
+        "the owner sees the request"
+    );
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -1055,6 +1140,7 @@ contract_suite!(
     references_are_handed_out_once_and_paged_newest_first,
     category_items_are_filtered_limited_and_paged,
     preferences_are_paged_and_changes_follow_a_watermark,
+    serial_runs_wait_their_turn_and_cancels_reach_the_owner,
 );
 
 #[tokio::test]

@@ -201,6 +201,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 struct Runs {
     runs: BTreeMap<RunId, RunRecord>,
+    serial: HashSet<RunId>,
     items: HashMap<RunId, Vec<(ItemRecord, Option<Lease>)>>,
     occurrences: HashMap<(String, i64, String), i64>,
     run_occurrences: HashMap<i64, RunId>,
@@ -245,6 +246,45 @@ impl MemoryRuns {
             }
         }
     }
+}
+
+/// Whether `run` may be claimed at `now`: unfinished, no live lease, and for a serial run no
+/// other run of its job running and no older serial run of its job queued.
+fn claimable(state: &Runs, run: &RunRecord, now: DateTime<Utc>) -> bool {
+    if run.status.is_terminal() || run.lease.as_ref().is_some_and(|l| l.is_live(now)) {
+        return false;
+    }
+    if !state.serial.contains(&run.id) || run.status == RunStatus::Running {
+        return true;
+    }
+    !state.runs.values().any(|other| {
+        other.job == run.job
+            && other.id != run.id
+            && (other.status == RunStatus::Running
+                || (other.status == RunStatus::Queued
+                    && state.serial.contains(&other.id)
+                    && (other.created_at, &other.id) < (run.created_at, &run.id)))
+    })
+}
+
+/// Claims `run` for `owner`.
+fn take(
+    state: &mut Runs,
+    run: &RunId,
+    owner: &str,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+) -> RunRecord {
+    let Some(r) = state.runs.get_mut(run) else {
+        unreachable!("take is called with a run that exists")
+    };
+    r.status = RunStatus::Running;
+    r.started_at = r.started_at.or(Some(now));
+    r.lease = Some(Lease {
+        owner: owner.to_owned(),
+        expires_at: lease_until,
+    });
+    r.clone()
 }
 
 fn lost(owner: &str, run: &RunId) -> StoreError {
@@ -319,6 +359,9 @@ impl RunStore for MemoryRuns {
             ));
         }
         state.items.insert(run.id.clone(), records);
+        if run.serial {
+            state.serial.insert(run.id.clone());
+        }
         state.runs.insert(
             run.id.clone(),
             RunRecord {
@@ -334,6 +377,7 @@ impl RunStore for MemoryRuns {
                 started_at: None,
                 finished_at: None,
                 lease: None,
+                cancel_requested: false,
             },
         );
         Ok(())
@@ -347,29 +391,27 @@ impl RunStore for MemoryRuns {
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError> {
         let mut state = lock(&self.state);
-        let mut free: Vec<&mut RunRecord> = state
+        let mut free: Vec<RunId> = state
             .runs
-            .values_mut()
-            .filter(|r| !r.status.is_terminal() && r.lease.as_ref().is_none_or(|l| !l.is_live(now)))
+            .values()
+            .filter(|r| claimable(&state, r, now))
+            .map(|r| r.id.clone())
             .collect();
         free.sort_by(|a, b| {
+            let (a, b) = (&state.runs[a], &state.runs[b]);
             b.priority
                 .cmp(&a.priority)
                 .then(a.created_at.cmp(&b.created_at))
         });
-        Ok(free
-            .into_iter()
-            .take(limit)
-            .map(|run| {
-                run.status = RunStatus::Running;
-                run.started_at = run.started_at.or(Some(now));
-                run.lease = Some(Lease {
-                    owner: owner.to_owned(),
-                    expires_at: lease_until,
-                });
-                run.clone()
-            })
-            .collect())
+        let mut claimed = Vec::new();
+        for id in free.into_iter().take(limit) {
+            // A serial run claimed in this batch blocks the next of its job.
+            if !claimable(&state, &state.runs[&id], now) {
+                continue;
+            }
+            claimed.push(take(&mut state, &id, owner, now, lease_until));
+        }
+        Ok(claimed)
     }
 
     async fn claim_run(
@@ -380,19 +422,11 @@ impl RunStore for MemoryRuns {
         lease_until: DateTime<Utc>,
     ) -> Result<Option<RunRecord>, StoreError> {
         let mut state = lock(&self.state);
-        Ok(state
+        let ready = state
             .runs
-            .get_mut(run)
-            .filter(|r| !r.status.is_terminal() && r.lease.as_ref().is_none_or(|l| !l.is_live(now)))
-            .map(|r| {
-                r.status = RunStatus::Running;
-                r.started_at = r.started_at.or(Some(now));
-                r.lease = Some(Lease {
-                    owner: owner.to_owned(),
-                    expires_at: lease_until,
-                });
-                r.clone()
-            }))
+            .get(run)
+            .is_some_and(|r| claimable(&state, r, now));
+        Ok(ready.then(|| take(&mut state, run, owner, now, lease_until)))
     }
 
     async fn renew_lease(
@@ -400,7 +434,7 @@ impl RunStore for MemoryRuns {
         run: &RunId,
         owner: &str,
         until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut state = lock(&self.state);
         match state.runs.get_mut(run) {
             Some(r)
@@ -411,10 +445,31 @@ impl RunStore for MemoryRuns {
                     owner: owner.to_owned(),
                     expires_at: until,
                 });
-                Ok(())
+                Ok(r.cancel_requested)
             }
             _ => Err(lost(owner, run)),
         }
+    }
+
+    async fn request_cancel(&self, run: &RunId) -> Result<(), StoreError> {
+        if let Some(r) = lock(&self.state).runs.get_mut(run)
+            && !r.status.is_terminal()
+        {
+            r.cancel_requested = true;
+        }
+        Ok(())
+    }
+
+    async fn active_runs(&self, job: &JobId) -> Result<Vec<RunRecord>, StoreError> {
+        let state = lock(&self.state);
+        let mut runs: Vec<RunRecord> = state
+            .runs
+            .values()
+            .filter(|r| &r.job == job && !r.status.is_terminal())
+            .cloned()
+            .collect();
+        runs.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(runs)
     }
 
     async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError> {
