@@ -227,7 +227,7 @@ impl BatchScheduler {
         report.dropped += due.dropped;
         let mut fired = Vec::with_capacity(due.fire.len());
         for nominal in &due.fire {
-            if !self.overlap_allows(job).await? {
+            if !self.overlap_allows(job, *nominal).await? {
                 report.dropped += 1;
                 continue;
             }
@@ -284,13 +284,21 @@ impl BatchScheduler {
 
     /// Applies the job's overlap policy to a fire about to happen: whether it may create its
     /// run. `cancel_other` asks the job's unfinished runs to stop; `buffer_one` keeps one run
-    /// waiting; `skip` fires only when nothing of the job is unfinished. The runs themselves
+    /// waiting; `skip` fires only when nothing else of the job is unfinished. The runs themselves
     /// wait their turn at claim time (serial runs), except under `allow_all`.
-    async fn overlap_allows(&self, job: &Job) -> Result<bool, Error> {
+    async fn overlap_allows(&self, job: &Job, nominal: DateTime<Utc>) -> Result<bool, Error> {
         if job.overlap == Overlap::AllowAll || job.overlap == Overlap::BufferAll {
             return Ok(true);
         }
-        let active = self.runs.active_runs(&job.id).await?;
+        // The run of this very fire (created before a crash, or by another replica) is not an
+        // other run: it must neither block nor be cancelled by its own fire.
+        let active: Vec<_> = self
+            .runs
+            .active_runs(&job.id)
+            .await?
+            .into_iter()
+            .filter(|r| r.scheduled_for != Some(nominal))
+            .collect();
         Ok(match job.overlap {
             Overlap::Skip => active.is_empty(),
             Overlap::BufferOne => !active.iter().any(|r| r.status == RunStatus::Queued),

@@ -442,3 +442,44 @@ async fn overlap_cancel_other_stops_the_running_run() {
     let next = world.processor.claim_next(&jobs).await.unwrap().unwrap();
     assert_eq!(next.run().id, newer);
 }
+
+#[tokio::test]
+async fn cancel_other_never_cancels_the_run_of_its_own_fire() {
+    let world = world(utc("2027-01-01T09:59:00Z"));
+    let job = overlap_job("cancel_other");
+    let scheduler = world.scheduler(std::slice::from_ref(&job));
+    scheduler.tick(utc("2027-01-01T09:59:00Z")).await.unwrap();
+    // Another replica created the 10:00 occurrence and its run, then died before moving the
+    // schedule on.
+    let nominal = utc("2027-01-01T10:00:00Z");
+    let acme = TenantId::parse("acme").unwrap();
+    let Occurrence::Created(occurrence) = world
+        .runs
+        .create_occurrence(&job.id, &acme, nominal, "")
+        .await
+        .unwrap()
+    else {
+        panic!("the occurrence was new")
+    };
+    let run = world
+        .processor
+        .start_occurrence(
+            &job,
+            occurrence,
+            nominal,
+            &batch_app::strategy::Scope::default(),
+        )
+        .await
+        .unwrap();
+    let report = scheduler.tick(nominal).await.unwrap();
+    assert_eq!(report.fired.len(), 1);
+    assert_eq!(report.fired[0].run, None, "the run exists already");
+    assert!(
+        !world
+            .runs
+            .run(&acme, &run.id)
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+}
