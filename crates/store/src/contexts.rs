@@ -10,14 +10,10 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, TransactionTrait, Value};
 
 use crate::Store;
-use crate::convert::{db_error, instant, millis};
+use crate::convert::{db_error, instant, millis, text};
 
 /// References per multi-row `INSERT` (5 parameters each).
 const REFERENCE_ROWS: usize = 1_000;
-
-fn text(s: &str) -> Value {
-    Value::String(Some(s.to_owned()))
-}
 
 fn encode(context: &BatchContext) -> Result<Value, StoreError> {
     serde_json::to_value(context)

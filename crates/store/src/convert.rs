@@ -7,7 +7,7 @@ use batch_domain::run::{Lease, RunId};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use batch_ports::runs::{ItemRecord, RunRecord, StoreError};
 use chrono::{DateTime, Utc};
-use sea_orm::{DbErr, QueryResult, RuntimeErr, sqlx};
+use sea_orm::{DbErr, QueryResult, RuntimeErr, Value, sqlx};
 
 /// Maps a database error to the store's error: connection trouble is `Unavailable` (retry
 /// later), everything else `Unexpected`.
@@ -135,4 +135,29 @@ pub(crate) fn item_record(row: &QueryResult) -> Result<ItemRecord, StoreError> {
         payload: get(row, "payload")?,
         request_context: get(row, "request_context")?,
     })
+}
+
+/// A text parameter.
+pub(crate) fn text(s: impl Into<String>) -> Value {
+    Value::String(Some(s.into()))
+}
+
+/// A nullable text parameter.
+pub(crate) fn optional_text(s: Option<impl Into<String>>) -> Value {
+    Value::String(s.map(Into::into))
+}
+
+/// A BIGINT parameter.
+pub(crate) fn big(n: i64) -> Value {
+    Value::BigInt(Some(n))
+}
+
+/// A nullable BIGINT parameter.
+pub(crate) fn optional_big(n: Option<i64>) -> Value {
+    Value::BigInt(n)
+}
+
+/// A nullable JSON parameter.
+pub(crate) fn json(v: Option<serde_json::Value>) -> Value {
+    Value::Json(v.map(Box::new))
 }

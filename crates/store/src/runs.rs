@@ -10,7 +10,10 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait, Value};
 
 use crate::Store;
-use crate::convert::{ITEM_COLUMNS, RUN_COLUMNS, db_error, item_record, millis, run_record};
+use crate::convert::{
+    ITEM_COLUMNS, RUN_COLUMNS, big, db_error, item_record, json, millis, optional_big,
+    optional_text, run_record, text,
+};
 
 /// Rows per multi-row `INSERT`: 8 parameters each stays far below SQLite's 32 766 and
 /// PostgreSQL's 65 535 parameters per statement.
@@ -37,26 +40,6 @@ fn placeholders(rows: usize, width: usize, first: usize) -> String {
         out.push(')');
     }
     out
-}
-
-fn text(s: impl Into<String>) -> Value {
-    Value::String(Some(s.into()))
-}
-
-fn optional_text(s: Option<impl Into<String>>) -> Value {
-    Value::String(s.map(Into::into))
-}
-
-fn big(n: i64) -> Value {
-    Value::BigInt(Some(n))
-}
-
-fn optional_big(n: Option<i64>) -> Value {
-    Value::BigInt(n)
-}
-
-fn json(v: Option<serde_json::Value>) -> Value {
-    Value::Json(v.map(Box::new))
 }
 
 /// A serial run may start only when no other run of its job is running and no older queued

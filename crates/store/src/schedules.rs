@@ -8,11 +8,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, Value};
 
 use crate::Store;
-use crate::convert::{db_error, instant, millis};
-
-fn text(s: &str) -> Value {
-    Value::String(Some(s.to_owned()))
-}
+use crate::convert::{db_error, instant, millis, text};
 
 fn optional_millis(t: Option<DateTime<Utc>>) -> Value {
     Value::BigInt(t.map(millis))
