@@ -120,6 +120,14 @@ fn job(extra: Value) -> Job {
     parse_job(job).unwrap_or_else(|p| panic!("{p}"))
 }
 
+/// Prepares and creates a manual run of `job`.
+async fn start_manual(processor: &BatchProcessor, job: &Job) -> batch_ports::runs::RunRecord {
+    processor
+        .start(job, Trigger::Manual, None, &Scope::default(), None)
+        .await
+        .unwrap()
+}
+
 async fn run_job(
     world: &World,
     job: &Job,
@@ -128,10 +136,7 @@ async fn run_job(
     batch_domain::context::BatchContext,
 ) {
     let processor = world.processor("p1");
-    let run = processor
-        .start(job, Trigger::Manual, None, &Scope::default(), None)
-        .await
-        .unwrap();
+    let run = start_manual(&processor, job).await;
     let mut execution = processor.open(job, &run.id).await.unwrap().unwrap();
     execution.run_to_completion().await.unwrap();
     let run = world.runs.run(&job.tenant, &run.id).await.unwrap();
@@ -451,10 +456,7 @@ async fn a_resumed_run_never_executes_a_succeeded_item_again() {
         json!({"execution": {"concurrency": 4, "chunk_size": 5}}),
     );
     let first = world.processor("first");
-    let run = first
-        .start(&job, Trigger::Manual, None, &Scope::default(), None)
-        .await
-        .unwrap();
+    let run = start_manual(&first, &job).await;
     {
         let mut execution = first.open(&job, &run.id).await.unwrap().unwrap();
         for _ in 0..3 {
@@ -581,10 +583,7 @@ async fn a_cancelled_run_stops_claiming_and_ends_with_exact_counts() {
         json!({"execution": {"concurrency": 2, "chunk_size": 5}}),
     );
     let processor = world.processor("p1");
-    let run = processor
-        .start(&job, Trigger::Manual, None, &Scope::default(), None)
-        .await
-        .unwrap();
+    let run = start_manual(&processor, &job).await;
     let mut progress = processor.subscribe(&run.id);
     let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
     assert_eq!(execution.run_next_chunk().await.unwrap(), Step::Worked(5));
@@ -625,10 +624,7 @@ async fn a_request_stalled_past_the_cancel_grace_is_abandoned() {
     world.with_users(3);
     let job = many(3, json!({"execution": {"concurrency": 3, "chunk_size": 3}}));
     let processor = world.processor("p1");
-    let run = processor
-        .start(&job, Trigger::Manual, None, &Scope::default(), None)
-        .await
-        .unwrap();
+    let run = start_manual(&processor, &job).await;
     let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
     let cancel = async {
         // Wait (without sleeping) until every request of the chunk has started.
@@ -679,10 +675,7 @@ async fn progress_is_published_after_every_chunk_and_only_grows() {
         json!({"execution": {"concurrency": 3, "chunk_size": 4}}),
     );
     let processor = world.processor("p1");
-    let run = processor
-        .start(&job, Trigger::Manual, None, &Scope::default(), None)
-        .await
-        .unwrap();
+    let run = start_manual(&processor, &job).await;
     let mut progress = processor.subscribe(&run.id);
     let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
     let mut seen = Vec::new();

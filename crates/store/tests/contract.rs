@@ -68,6 +68,14 @@ fn new_run(id: &str, tenant_name: &str, created: DateTime<Utc>) -> NewRun {
     }
 }
 
+/// Creates run `r1` of acme at t0 with `n` items.
+async fn seed_run(store: &Store, n: usize) {
+    store
+        .create_run(new_run("r1", "acme", t0()), items(n))
+        .await
+        .unwrap();
+}
+
 fn items(n: usize) -> Vec<NewItem> {
     (0..n)
         .map(|i| NewItem {
@@ -108,10 +116,7 @@ async fn runs_and_items_round_trip_with_exact_counts(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
     };
-    store
-        .create_run(new_run("r1", "acme", t0()), items(2_500))
-        .await
-        .unwrap();
+    seed_run(&store, 2_500).await;
     let run = store
         .run(&tenant("acme"), &RunId::parse("r1").unwrap())
         .await
@@ -244,10 +249,7 @@ async fn an_expired_lease_is_reclaimed_and_a_live_one_is_not(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
     };
-    store
-        .create_run(new_run("r1", "acme", t0()), items(5))
-        .await
-        .unwrap();
+    seed_run(&store, 5).await;
     let lease = Duration::seconds(30);
     let claimed = store.claim_runs("a", t0(), t0() + lease, 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
@@ -288,10 +290,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
     };
-    store
-        .create_run(new_run("r1", "acme", t0()), items(5))
-        .await
-        .unwrap();
+    seed_run(&store, 5).await;
     let id = RunId::parse("r1").unwrap();
     let lease = Duration::seconds(30);
     let mine = store
@@ -363,10 +362,7 @@ async fn concurrent_item_claimers_never_get_the_same_item(backend: Backend) {
     let Some((db, store)) = fresh(backend).await else {
         return;
     };
-    store
-        .create_run(new_run("r1", "acme", t0()), items(5_000))
-        .await
-        .unwrap();
+    seed_run(&store, 5_000).await;
     let shared = Arc::new(store);
     let mut tasks = Vec::new();
     for owner in ["a", "b", "c"] {
@@ -404,10 +400,7 @@ async fn a_renewed_lease_is_never_rescued(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
     };
-    store
-        .create_run(new_run("r1", "acme", t0()), items(1))
-        .await
-        .unwrap();
+    seed_run(&store, 1).await;
     let lease = Duration::seconds(30);
     let id = store.claim_runs("a", t0(), t0() + lease, 1).await.unwrap()[0]
         .id
@@ -428,10 +421,7 @@ async fn a_released_lease_is_resumed_at_once(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
     };
-    store
-        .create_run(new_run("r1", "acme", t0()), items(1))
-        .await
-        .unwrap();
+    seed_run(&store, 1).await;
     let id = store
         .claim_runs("a", t0(), t0() + Duration::seconds(300), 1)
         .await
@@ -465,10 +455,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
     });
     let store = Store::from_connection(conn, None);
     // 1 111 items, every tenth invalid: 1 000 to execute.
-    store
-        .create_run(new_run("r1", "acme", t0()), items(1_111))
-        .await
-        .unwrap();
+    seed_run(&store, 1_111).await;
     let id = RunId::parse("r1").unwrap();
     store
         .claim_runs("a", t0(), t0() + Duration::seconds(60), 1)
@@ -1148,10 +1135,7 @@ async fn the_embedded_database_is_created_and_migrated_on_first_use() {
     let dir = std::env::temp_dir().join(format!("batch-embedded-{}", uuid_like()));
     let url = format!("sqlite://{}/nested/data/batch.db?mode=rwc", dir.display());
     let store = Store::open(&url, true).await.unwrap();
-    store
-        .create_run(new_run("r1", "acme", t0()), items(3))
-        .await
-        .unwrap();
+    seed_run(&store, 3).await;
     drop(store);
     // Opening again applies nothing new and keeps the data.
     let store = Store::open(&url, true).await.unwrap();
