@@ -20,6 +20,7 @@ mod m20261128_000003_create_contexts;
 mod m20261128_000004_item_leases;
 mod m20261128_000005_schedule_states;
 mod m20261128_000006_run_overlap;
+mod m20261128_000007_groups_and_pauses;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000004_item_leases::Migration),
             Box::new(m20261128_000005_schedule_states::Migration),
             Box::new(m20261128_000006_run_overlap::Migration),
+            Box::new(m20261128_000007_groups_and_pauses::Migration),
         ]
     }
 }

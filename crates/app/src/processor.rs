@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use batch_domain::config::Job;
 use batch_domain::context::Progress;
+use batch_domain::priority::{Aging, Waiting, fair_order};
 use batch_domain::retry::{Decision, FailureKind};
 use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
 use batch_domain::{TemplateId, UserId};
@@ -38,7 +39,8 @@ use crate::{Error, Ports};
 pub struct ProcessorSettings {
     /// This process's name in leases (host, pid and a random part, typically).
     pub owner: String,
-    /// How long a run lease lasts without renewal; renewed at every chunk.
+    /// How long a run lease lasts without renewal; renewed at every chunk, and every third of
+    /// it while a chunk is executing (the heartbeat).
     pub run_lease: Duration,
     /// Pages and validation chunks of preparation.
     pub prepare: PrepareSettings,
@@ -47,6 +49,11 @@ pub struct ProcessorSettings {
     /// After a cancel, how long requests in flight may still finish before they are
     /// abandoned (their items end `cancelled`).
     pub cancel_grace: Duration,
+    /// How waiting raises a run's priority when more runs are due than slots.
+    pub aging: Aging,
+    /// The most runs that may run at once across every replica sharing the database; `None`
+    /// for no limit.
+    pub max_running_runs: Option<usize>,
 }
 
 impl Default for ProcessorSettings {
@@ -61,6 +68,8 @@ impl Default for ProcessorSettings {
             prepare: PrepareSettings::default(),
             seed: None,
             cancel_grace: Duration::from_secs(10),
+            aging: Aging::default(),
+            max_running_runs: None,
         }
     }
 }
@@ -123,6 +132,11 @@ impl BatchProcessor {
         }
     }
 
+    /// The ports this processor works with.
+    pub fn ports(&self) -> &Ports {
+        &self.ports
+    }
+
     /// The context manager this processor keeps contexts with.
     pub fn contexts(&self) -> &ContextManager {
         &self.contexts
@@ -142,12 +156,13 @@ impl BatchProcessor {
         scope: &Scope,
         parent: Option<RunId>,
     ) -> Result<RunRecord, Error> {
-        self.create_run(job, trigger, scheduled_for, None, scope, parent)
+        self.create_run(job, trigger, scheduled_for, None, "", scope, parent)
             .await
     }
 
-    /// Prepares and creates the run of a schedule's occurrence (see [`BatchProcessor::start`]).
-    /// At most one run exists per occurrence.
+    /// Prepares and creates the run of a schedule's occurrence (see [`BatchProcessor::start`]):
+    /// `group` is the schedule group it fired for (empty for the job's own schedule). At most
+    /// one run exists per occurrence.
     ///
     /// # Errors
     /// [`Error::Store`] with `AlreadyExists` when the occurrence has its run already; otherwise
@@ -155,15 +170,18 @@ impl BatchProcessor {
     pub async fn start_occurrence(
         &self,
         job: &Job,
+        trigger: Trigger,
         occurrence: i64,
         nominal: DateTime<Utc>,
+        group: &str,
         scope: &Scope,
     ) -> Result<RunRecord, Error> {
         self.create_run(
             job,
-            Trigger::Scheduled,
+            trigger,
             Some(nominal),
             Some(occurrence),
+            group,
             scope,
             None,
         )
@@ -176,13 +194,15 @@ impl BatchProcessor {
         trigger: Trigger,
         scheduled_for: Option<DateTime<Utc>>,
         occurrence: Option<i64>,
+        group: &str,
         scope: &Scope,
         parent: Option<RunId>,
     ) -> Result<RunRecord, Error> {
         let strategy = self.strategies.for_job(job)?;
-        let prepared = strategy
+        let mut prepared = strategy
             .prepare(job, scope, &self.ports, &self.settings.prepare)
             .await?;
+        scope.apply_overrides(&mut prepared.items);
         let id = RunId::parse(uuid::Uuid::now_v7().to_string())
             .map_err(|e| Error::Job(format!("generated run id: {e}")))?;
         let run = NewRun {
@@ -190,9 +210,10 @@ impl BatchProcessor {
             job: job.id.clone(),
             tenant: job.tenant.clone(),
             trigger,
-            priority: job.priority,
+            priority: scope.priority.unwrap_or(job.priority),
             scheduled_for,
             occurrence,
+            group: group.to_owned(),
             parent,
             serial: job.overlap != batch_domain::config::Overlap::AllowAll,
             created_at: self.ports.clock.now(),
@@ -222,6 +243,7 @@ impl BatchProcessor {
                 &self.settings.owner,
                 now,
                 now + chrono_duration(self.settings.run_lease),
+                None,
             )
             .await?
         else {
@@ -231,9 +253,11 @@ impl BatchProcessor {
     }
 
     /// Claims the next runnable run of any of `jobs` (queued runs, and runs whose owner's lease
-    /// expired: a crashed processor's runs are resumed here), highest priority first. `None`
-    /// when there is none. A claimed run whose job is not in `jobs` (removed from the
-    /// configuration) is released at once.
+    /// expired: a crashed processor's runs are resumed here). `None` when there is none, or
+    /// when [`ProcessorSettings::max_running_runs`] runs are running already. When more runs
+    /// wait than can run, the highest effective priority (base + aging) goes first and, within
+    /// one priority band, tenants take turns ([`fair_order`]). Runs of jobs not in `jobs`
+    /// (removed from the configuration) are left alone.
     ///
     /// # Errors
     /// [`Error::Store`] when the store fails.
@@ -242,25 +266,101 @@ impl BatchProcessor {
         jobs: &HashMap<batch_domain::JobId, Job>,
     ) -> Result<Option<Execution<'_>>, Error> {
         let now = self.ports.clock.now();
-        let lease_until = now + chrono_duration(self.settings.run_lease);
-        for record in self
+        let aging = self.settings.aging;
+        let running: HashMap<_, _> = self
             .ports
             .runs
-            .claim_runs(&self.settings.owner, now, lease_until, 1)
+            .running_by_tenant(now)
             .await?
+            .into_iter()
+            .collect();
+        if let Some(max) = self.settings.max_running_runs
+            && running.values().sum::<usize>() >= max
         {
-            match jobs.get(&record.job) {
-                Some(job) => return self.execution(job, record).await.map(Some),
-                None => {
-                    tracing::warn!(run = %record.id, job = %record.job, "run of an unknown job left alone");
-                    self.ports
-                        .runs
-                        .release_lease(&record.id, &self.settings.owner)
-                        .await?;
-                }
+            return Ok(None);
+        }
+        let candidates: Vec<RunRecord> = self
+            .ports
+            .runs
+            .claimable_runs(now, aging, CLAIM_WINDOW)
+            .await?
+            .into_iter()
+            .filter(|r| jobs.contains_key(&r.job))
+            .collect();
+        let waiting: Vec<Waiting> = candidates
+            .iter()
+            .map(|r| Waiting {
+                base: r.priority,
+                due: r.created_at,
+                job: r.job.clone(),
+                tenant: r.tenant.clone(),
+            })
+            .collect();
+        let lease_until = now + chrono_duration(self.settings.run_lease);
+        for index in fair_order(&waiting, &running, now, aging) {
+            let candidate = &candidates[index];
+            // Another replica may have taken it meanwhile: then try the next.
+            if let Some(record) = self
+                .ports
+                .runs
+                .claim_run(
+                    &candidate.id,
+                    &self.settings.owner,
+                    now,
+                    lease_until,
+                    self.settings.max_running_runs,
+                )
+                .await?
+                && let Some(job) = jobs.get(&record.job)
+            {
+                return self.execution(job, record).await.map(Some);
             }
         }
         Ok(None)
+    }
+
+    /// Claims and runs runs in `slots` concurrent slots until `stop` turns true; a slot with
+    /// nothing to claim waits `idle_wait` on the clock. On stop, each slot finishes the chunk
+    /// it is executing, records it and releases its run's lease, so another replica resumes
+    /// the run at once. A store failure is logged and the slot tries again after `idle_wait`
+    /// (a database that went away loses no work: leases expire and are rescued).
+    pub async fn work_until_stopped(
+        self: Arc<Self>,
+        jobs: Arc<HashMap<batch_domain::JobId, Job>>,
+        slots: usize,
+        idle_wait: Duration,
+        stop: watch::Receiver<bool>,
+    ) {
+        let mut set = JoinSet::new();
+        for _ in 0..slots.max(1) {
+            let processor = self.clone();
+            let jobs = jobs.clone();
+            let mut stop = stop.clone();
+            set.spawn(async move {
+                while !*stop.borrow() {
+                    let idle = match processor.claim_next(&jobs).await {
+                        Ok(Some(mut execution)) => {
+                            if let Err(e) = execution.run_until_stopped(stop.clone()).await {
+                                tracing::warn!(run = %execution.run().id, error = %e, "run interrupted");
+                            }
+                            false
+                        }
+                        Ok(None) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "claiming a run failed");
+                            true
+                        }
+                    };
+                    if idle {
+                        tokio::select! {
+                            () = processor.ports.clock.sleep(idle_wait) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
     }
 
     /// Claims and runs runs one after another until none is left; returns how many ran.
@@ -351,6 +451,9 @@ impl BatchProcessor {
     }
 }
 
+/// Claimable runs read per tenant when choosing the next run to claim.
+const CLAIM_WINDOW: usize = 16;
+
 fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
@@ -405,15 +508,77 @@ impl Execution<'_> {
             match self.run_next_chunk().await? {
                 Step::Worked(_) => {}
                 Step::Idle(until) => {
-                    let now = self.ports().clock.now();
-                    let wait = (until - now).to_std().unwrap_or(Duration::ZERO);
-                    // Keep the run lease alive across long waits.
-                    let wait = wait
-                        .min(self.processor.settings.run_lease / 2)
-                        .max(Duration::from_millis(1));
+                    let wait = self.idle_wait(until);
                     self.ports().clock.sleep(wait).await;
                 }
                 Step::Finished(status) => return Ok(status),
+            }
+        }
+    }
+
+    /// Runs steps until the run ends (`Some(status)`) or `stop` turns true (`None`): then the
+    /// chunk in flight is finished and recorded first, and the run's lease is released so
+    /// another process resumes the run at once instead of waiting for the lease to expire.
+    ///
+    /// # Errors
+    /// As [`Execution::run_next_chunk`].
+    pub async fn run_until_stopped(
+        &mut self,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Option<RunStatus>, Error> {
+        loop {
+            if *stop.borrow() {
+                self.ports()
+                    .runs
+                    .release_lease(&self.run.id, &self.processor.settings.owner)
+                    .await?;
+                tracing::info!(run = %self.run.id, "lease released on shutdown");
+                return Ok(None);
+            }
+            match self.run_next_chunk().await? {
+                Step::Worked(_) => {}
+                Step::Idle(until) => {
+                    let wait = self.idle_wait(until);
+                    tokio::select! {
+                        () = self.ports().clock.sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                Step::Finished(status) => return Ok(Some(status)),
+            }
+        }
+    }
+
+    /// How long to wait for `until`, short enough to keep the run lease alive.
+    fn idle_wait(&self, until: DateTime<Utc>) -> Duration {
+        let now = self.ports().clock.now();
+        (until - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(self.processor.settings.run_lease / 2)
+            .max(Duration::from_millis(1))
+    }
+
+    /// Renews the run lease every third of its length until the lease is lost (the returned
+    /// error). A cancel requested meanwhile is passed on to the processor.
+    async fn heartbeat(&self) -> Error {
+        let settings = &self.processor.settings;
+        loop {
+            self.ports().clock.sleep(settings.run_lease / 3).await;
+            let until = self.ports().clock.now() + chrono_duration(settings.run_lease);
+            match self
+                .ports()
+                .runs
+                .renew_lease(&self.run.id, &settings.owner, until)
+                .await
+            {
+                Ok(true) => self.processor.cancel(&self.run.id),
+                Ok(false) => {}
+                Err(lost @ StoreError::LeaseLost(_)) => return lost.into(),
+                // The database may come back before the lease runs out: keep trying.
+                Err(other) => {
+                    tracing::warn!(run = %self.run.id, error = %other, "lease renewal failed");
+                }
             }
         }
     }
@@ -484,7 +649,12 @@ impl Execution<'_> {
             };
         }
         let size = chunk.len();
-        let executed = self.execute(chunk).await;
+        // The heartbeat keeps the run (and this chunk's items) leased however long the chunk
+        // takes; if the lease is lost anyway, the chunk's results are not ours to record.
+        let executed = tokio::select! {
+            executed = self.execute(chunk) => executed,
+            lost = self.heartbeat() => return Err(lost),
+        };
         let now = self.ports().clock.now();
         let outcomes: Vec<ItemOutcome> = executed
             .into_iter()

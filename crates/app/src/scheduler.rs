@@ -1,23 +1,31 @@
-//! The BatchScheduler (static schedules): turns each enabled job's schedule into occurrences
-//! at the right instants, exactly once across replicas and restarts.
+//! The BatchScheduler: turns schedules into occurrences at the right instants, exactly once
+//! across replicas and restarts.
 //!
-//! Every tick takes the schedules whose next fire has come from an ordered index (so idle ticks
-//! cost nothing however many schedules there are), decides what to fire with the job's misfire
-//! policy ([`batch_domain::misfire::due_fires`]), creates each occurrence under its unique key
-//! (job, nominal instant, group) and the occurrence's run, then moves the durable schedule state
-//! on with a compare-and-set. A replica that loses a race finds the occurrence (and its run)
-//! existing and only moves on; a crash between the occurrence and its run is repaired by the next
-//! tick, which sees the occurrence without a run and creates it.
+//! A *schedule* is a job's own schedule (group `""`), or one *preference group* of a Dynamic
+//! job: the job's users whose preferences resolve to the same schedule, keyed by that
+//! schedule's text (`daily at 09:00 Europe/Berlin`). Users are regrouped as their preferences
+//! change, which the scheduler watches at every tick (the source's change watermark), so a
+//! change applies at the next tick — before the next fire of either group.
+//!
+//! Every tick applies preference changes, refreshes the paused jobs, then takes the schedules
+//! whose next fire has come from an ordered index (so an idle tick costs the same however many
+//! schedules there are), decides what to fire with the job's misfire policy
+//! ([`batch_domain::misfire::due_fires`]) and overlap policy, creates each occurrence under its
+//! unique key (job, nominal instant, group) and the occurrence's run, then moves the durable
+//! schedule state on with a compare-and-set. A replica that loses a race finds the occurrence
+//! (and its run) existing and only moves on; a crash between the occurrence and its run is
+//! repaired by the next tick, which sees the occurrence without a run and creates it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use batch_domain::JobId;
-use batch_domain::config::{Job, Overlap};
-use batch_domain::misfire::due_fires;
-use batch_domain::run::{RunId, RunStatus};
-use batch_ports::runs::{Occurrence, RunStore, StoreError};
-use batch_ports::schedules::{ScheduleState, ScheduleStore};
+use batch_domain::config::{Job, Misfire, Overlap};
+use batch_domain::misfire::{ON_TIME, due_fires};
+use batch_domain::preference::Preference;
+use batch_domain::run::{RunId, RunStatus, Trigger};
+use batch_domain::{FeatureType, JobId, Schedule, TenantId, UserId};
+use batch_ports::runs::{Occurrence, StoreError};
+use batch_ports::schedules::{Pause, ScheduleState, ScheduleStore};
 use chrono::{DateTime, Duration, Utc};
 use tokio::sync::Mutex;
 
@@ -25,11 +33,16 @@ use crate::Error;
 use crate::processor::BatchProcessor;
 use crate::strategy::Scope;
 
+/// The most instants one backfill may create runs for.
+pub const MAX_BACKFILL: usize = 1_000;
+
 /// One occurrence a tick fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fired {
     /// The job.
     pub job: JobId,
+    /// The preference group; empty for the job's own schedule.
+    pub group: String,
     /// The nominal instant.
     pub nominal: DateTime<Utc>,
     /// The run this tick created; `None` when another replica (or an earlier tick) had.
@@ -41,8 +54,12 @@ pub struct Fired {
 pub struct TickReport {
     /// Occurrences fired, in order.
     pub fired: Vec<Fired>,
-    /// Due instants dropped by misfire policies.
+    /// Due instants dropped by misfire and overlap policies.
     pub dropped: usize,
+    /// Due instants not fired because their job is paused.
+    pub paused: usize,
+    /// Preference changes applied.
+    pub preference_changes: usize,
 }
 
 /// The next fire of one schedule.
@@ -50,130 +67,396 @@ pub struct TickReport {
 pub struct NextFire {
     /// The job.
     pub job: JobId,
+    /// The job's tenant.
+    pub tenant: TenantId,
+    /// The feature type of a Dynamic job.
+    pub feature_type: Option<FeatureType>,
+    /// The preference group; empty for the job's own schedule.
+    pub group: String,
+    /// The schedule, in words.
+    pub schedule: String,
+    /// Users of a preference group (0 for a job's own schedule).
+    pub users: usize,
     /// Its next nominal instant.
     pub nominal: DateTime<Utc>,
     /// When it actually fires (jitter applied).
     pub fire_at: DateTime<Utc>,
+    /// The note of the pause, when the job is paused (the fire will not happen).
+    pub paused: Option<String>,
 }
 
-/// Where a schedule stands: its next unfired nominal instant and its last fired one.
-type Position = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+/// Which schedules [`BatchScheduler::next_fires`] reports; every field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FireFilter {
+    /// Only this job.
+    pub job: Option<JobId>,
+    /// Only jobs of this tenant.
+    pub tenant: Option<TenantId>,
+    /// Only Dynamic jobs of this feature type.
+    pub feature_type: Option<FeatureType>,
+    /// Only the preference groups this user belongs to.
+    pub user: Option<UserId>,
+}
 
-/// In-memory view of the schedules: next nominal instant per job, and due order.
+/// What a backfill did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backfill {
+    /// Runs created, oldest instant first.
+    pub created: Vec<RunId>,
+    /// Instants whose occurrence had a run already (fired, or backfilled before).
+    pub existed: usize,
+}
+
+/// A schedule the scheduler fires.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    job: JobId,
+    group: String,
+}
+
+/// One schedule in memory: where it stands, and for a preference group its users.
+struct Unit {
+    schedule: Schedule,
+    next: Option<DateTime<Utc>>,
+    last: Option<DateTime<Utc>>,
+    users: BTreeSet<UserId>,
+}
+
+/// The users of one Dynamic job, by group, and how far its change feed has been read.
+#[derive(Default)]
+struct Members {
+    loaded: bool,
+    watermark: u64,
+    group_of: HashMap<UserId, String>,
+}
+
+/// In-memory view of every schedule, with the due order.
 #[derive(Default)]
 struct Index {
-    next: HashMap<JobId, Position>,
-    due: BTreeSet<(DateTime<Utc>, JobId)>,
+    units: HashMap<Key, Unit>,
+    due: BTreeSet<(DateTime<Utc>, Key)>,
+    members: HashMap<JobId, Members>,
+    paused: HashMap<JobId, Pause>,
 }
 
-/// Fires the static schedules of a set of jobs.
+/// Fires the static schedules and preference groups of a set of jobs.
 pub struct BatchScheduler {
     processor: Arc<BatchProcessor>,
-    runs: Arc<dyn RunStore>,
     schedules: Arc<dyn ScheduleStore>,
     jobs: HashMap<JobId, Job>,
     index: Mutex<Option<Index>>,
 }
 
+/// The jitter key of a schedule: the job id, with the group for preference groups.
+fn jitter_key(key: &Key) -> String {
+    if key.group.is_empty() {
+        key.job.to_string()
+    } else {
+        format!("{}#{}", key.job, key.group)
+    }
+}
+
+fn fire_at(key: &Key, schedule: &Schedule, nominal: DateTime<Utc>) -> DateTime<Utc> {
+    schedule.fire_at(&jitter_key(key), nominal)
+}
+
+/// Whether `nominal` is an instant of `schedule` (a stored state may belong to an older
+/// version of the schedule).
+fn belongs(schedule: &Schedule, nominal: DateTime<Utc>) -> bool {
+    schedule.next_nominal(nominal - Duration::milliseconds(1)) == Some(nominal)
+}
+
+impl Index {
+    fn insert(&mut self, key: Key, unit: Unit) {
+        if let Some(old) = self.units.remove(&key)
+            && let Some(next) = old.next
+        {
+            self.due
+                .remove(&(fire_at(&key, &old.schedule, next), key.clone()));
+        }
+        if let Some(next) = unit.next {
+            self.due
+                .insert((fire_at(&key, &unit.schedule, next), key.clone()));
+        }
+        self.units.insert(key, unit);
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Unit> {
+        let unit = self.units.remove(key)?;
+        if let Some(next) = unit.next {
+            self.due
+                .remove(&(fire_at(key, &unit.schedule, next), key.clone()));
+        }
+        Some(unit)
+    }
+}
+
 impl BatchScheduler {
-    /// A scheduler for the enabled jobs of `jobs` that have a schedule of their own. Dynamic
-    /// (preference) jobs are fired by their preference groups, not here.
+    /// A scheduler for the enabled jobs of `jobs`: static schedules of jobs that have one, and
+    /// preference groups of Dynamic jobs. The processor's ports give the run store, the
+    /// preference source and the clock; `schedules` keeps the durable schedule states.
     pub fn new(
         processor: Arc<BatchProcessor>,
-        runs: Arc<dyn RunStore>,
         schedules: Arc<dyn ScheduleStore>,
         jobs: &[Job],
     ) -> Self {
         let jobs = jobs
             .iter()
-            .filter(|j| j.enabled && j.schedule.is_some() && j.dynamic.is_none())
+            .filter(|j| j.enabled)
             .map(|j| (j.id.clone(), j.clone()))
             .collect();
         BatchScheduler {
             processor,
-            runs,
             schedules,
             jobs,
             index: Mutex::new(None),
         }
     }
 
-    fn fire_at(&self, job: &Job, nominal: DateTime<Utc>) -> DateTime<Utc> {
-        job.schedule
-            .as_ref()
-            .map_or(nominal, |s| s.fire_at(job.id.as_str(), nominal))
+    fn job(&self, id: &JobId) -> Result<&Job, Error> {
+        self.jobs
+            .get(id)
+            .ok_or_else(|| Error::Job(format!("unknown or disabled job {id}")))
     }
 
-    /// Reads the durable states, and starts the schedules that have none (or whose stored
-    /// next instant no longer belongs to the job's schedule) at their first instant from `now`.
+    /// Where a schedule starts: its stored state when that still belongs to the schedule;
+    /// otherwise its first instant from `now` (written with a compare-and-set, so replicas
+    /// agree). `joined` says the schedule just gained its first users: then instants missed
+    /// before `now` are not theirs to catch up on.
+    async fn start(
+        &self,
+        key: &Key,
+        tenant: &TenantId,
+        schedule: &Schedule,
+        stored: Option<ScheduleState>,
+        now: DateTime<Utc>,
+        joined: bool,
+    ) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>), Error> {
+        let from = if joined { now - ON_TIME } else { now };
+        let usable = stored.as_ref().is_some_and(|s| {
+            s.next_nominal
+                .is_none_or(|n| belongs(schedule, n) && (!joined || n >= from))
+        });
+        if let (true, Some(state)) = (usable, &stored) {
+            return Ok((state.next_nominal, state.last_fired));
+        }
+        let fresh = ScheduleState {
+            job: key.job.clone(),
+            group: key.group.clone(),
+            tenant: tenant.clone(),
+            next_nominal: schedule.next_nominal(from - Duration::milliseconds(1)),
+            last_fired: stored.as_ref().and_then(|s| s.last_fired),
+        };
+        let expected = stored.map(|s| s.next_nominal);
+        if self
+            .schedules
+            .advance_schedule(expected, &fresh, now)
+            .await?
+        {
+            return Ok((fresh.next_nominal, fresh.last_fired));
+        }
+        // Another replica wrote it first: take theirs.
+        Ok(self
+            .schedules
+            .schedule_state(&key.job, &key.group)
+            .await?
+            .map_or((fresh.next_nominal, fresh.last_fired), |s| {
+                (s.next_nominal, s.last_fired)
+            }))
+    }
+
+    /// Reads the durable states and builds the index of the static schedules; preference
+    /// groups join as their job's preferences load.
     async fn load(&self, now: DateTime<Utc>) -> Result<Index, Error> {
-        let stored: HashMap<JobId, ScheduleState> = self
+        let mut stored: HashMap<Key, ScheduleState> = self
             .schedules
             .schedule_states()
             .await?
             .into_iter()
             .filter(|s| s.group.is_empty())
-            .map(|s| (s.job.clone(), s))
+            .map(|s| {
+                (
+                    Key {
+                        job: s.job.clone(),
+                        group: String::new(),
+                    },
+                    s,
+                )
+            })
             .collect();
         let mut index = Index::default();
         for job in self.jobs.values() {
+            if job.dynamic.is_some() {
+                index.members.insert(job.id.clone(), Members::default());
+                continue;
+            }
             let Some(schedule) = &job.schedule else {
                 continue;
             };
-            let state = match stored.get(&job.id) {
-                Some(state)
-                    if state.next_nominal.is_none_or(|n| {
-                        schedule.next_nominal(n - Duration::milliseconds(1)) == Some(n)
-                    }) =>
-                {
-                    state.clone()
-                }
-                stale => {
-                    let fresh = ScheduleState {
-                        job: job.id.clone(),
-                        group: String::new(),
-                        tenant: job.tenant.clone(),
-                        next_nominal: schedule.next_nominal(now - Duration::milliseconds(1)),
-                        last_fired: stale.and_then(|s| s.last_fired),
-                    };
-                    let expected = stale.map(|s| s.next_nominal);
-                    if self
-                        .schedules
-                        .advance_schedule(expected, &fresh, now)
-                        .await?
-                    {
-                        fresh
-                    } else {
-                        // Another replica wrote it first: take theirs.
-                        self.reload(&job.id).await?.unwrap_or(fresh)
-                    }
-                }
+            let key = Key {
+                job: job.id.clone(),
+                group: String::new(),
             };
-            self.insert(&mut index, job, state.next_nominal, state.last_fired);
+            let stored = stored.remove(&key);
+            let (next, last) = self
+                .start(&key, &job.tenant, schedule, stored, now, false)
+                .await?;
+            index.insert(
+                key,
+                Unit {
+                    schedule: schedule.clone(),
+                    next,
+                    last,
+                    users: BTreeSet::new(),
+                },
+            );
         }
         Ok(index)
     }
 
-    async fn reload(&self, job: &JobId) -> Result<Option<ScheduleState>, Error> {
-        Ok(self
-            .schedules
-            .schedule_states()
-            .await?
-            .into_iter()
-            .find(|s| &s.job == job && s.group.is_empty()))
+    /// Reads every Dynamic job's preference changes since its watermark (all preferences the
+    /// first time) and moves users between groups. A source that is down is logged and read
+    /// again next tick; its groups keep their users meanwhile (or, before the first read, do
+    /// not fire: their missed instants follow the misfire policy once it answers).
+    async fn watch_preferences(
+        &self,
+        index: &mut Index,
+        now: DateTime<Utc>,
+    ) -> Result<usize, Error> {
+        let mut applied = 0;
+        let dynamic: Vec<JobId> = index.members.keys().cloned().collect();
+        for job_id in dynamic {
+            let Some(job) = self.jobs.get(&job_id) else {
+                continue;
+            };
+            let Some(dynamic) = &job.dynamic else {
+                continue;
+            };
+            let (loaded, watermark) = index
+                .members
+                .get(&job_id)
+                .map_or((false, 0), |m| (m.loaded, m.watermark));
+            let read = self
+                .processor
+                .ports()
+                .preferences
+                .changes_since(&job.tenant, &dynamic.feature_type, watermark)
+                .await;
+            let (changes, watermark) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::warn!(job = %job_id, error = %e, "preferences unavailable; groups unchanged");
+                    continue;
+                }
+            };
+            // Later changes of a user win; only the last one per user matters.
+            let mut latest: HashMap<UserId, Preference> = HashMap::new();
+            for change in changes {
+                latest.insert(change.user.clone(), change);
+            }
+            let mut stored = HashMap::new();
+            if !loaded {
+                stored = self
+                    .schedules
+                    .schedule_states()
+                    .await?
+                    .into_iter()
+                    .filter(|s| s.job == job_id && !s.group.is_empty())
+                    .map(|s| (s.group.clone(), s))
+                    .collect();
+            }
+            let mut users: Vec<&UserId> = latest.keys().collect();
+            users.sort();
+            for user in users {
+                let preference = &latest[user];
+                let group = preference
+                    .enabled
+                    .then(|| preference.schedule(&dynamic.defaults).0)
+                    .flatten();
+                if self
+                    .regroup(index, job, user, group, &mut stored, loaded, now)
+                    .await?
+                {
+                    applied += 1;
+                }
+            }
+            if let Some(members) = index.members.get_mut(&job_id) {
+                members.loaded = true;
+                members.watermark = watermark;
+            }
+        }
+        Ok(applied)
     }
 
-    fn insert(
+    /// Moves `user` of `job` into the group of `schedule` (out of every group for `None`).
+    /// Returns whether anything changed.
+    #[allow(clippy::too_many_arguments)]
+    async fn regroup(
         &self,
         index: &mut Index,
         job: &Job,
-        next: Option<DateTime<Utc>>,
-        last: Option<DateTime<Utc>>,
-    ) {
-        if let Some(n) = next {
-            index.due.insert((self.fire_at(job, n), job.id.clone()));
+        user: &UserId,
+        schedule: Option<Schedule>,
+        stored: &mut HashMap<String, ScheduleState>,
+        running: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        let new_group = schedule.as_ref().map(ToString::to_string);
+        let old_group = index
+            .members
+            .get(&job.id)
+            .and_then(|m| m.group_of.get(user).cloned());
+        if old_group == new_group {
+            return Ok(false);
         }
-        index.next.insert(job.id.clone(), (next, last));
+        if let Some(old) = old_group {
+            let key = Key {
+                job: job.id.clone(),
+                group: old,
+            };
+            let empty = index.units.get_mut(&key).is_some_and(|unit| {
+                unit.users.remove(user);
+                unit.users.is_empty()
+            });
+            if empty {
+                index.remove(&key);
+            }
+        }
+        let members = index.members.entry(job.id.clone()).or_default();
+        match (&new_group, schedule) {
+            (Some(group), Some(schedule)) => {
+                members.group_of.insert(user.clone(), group.clone());
+                let key = Key {
+                    job: job.id.clone(),
+                    group: group.clone(),
+                };
+                if let Some(unit) = index.units.get_mut(&key) {
+                    unit.users.insert(user.clone());
+                } else {
+                    let stored = match stored.remove(group) {
+                        Some(state) => Some(state),
+                        None if running => self.schedules.schedule_state(&job.id, group).await?,
+                        None => None,
+                    };
+                    let (next, last) = self
+                        .start(&key, &job.tenant, &schedule, stored, now, running)
+                        .await?;
+                    index.insert(
+                        key,
+                        Unit {
+                            schedule,
+                            next,
+                            last,
+                            users: BTreeSet::from([user.clone()]),
+                        },
+                    );
+                }
+            }
+            _ => {
+                members.group_of.remove(user);
+            }
+        }
+        Ok(true)
     }
 
     /// Fires everything due at `now`.
@@ -189,21 +472,33 @@ impl BatchScheduler {
         let Some(index) = guard.as_mut() else {
             return Ok(TickReport::default());
         };
-        let mut report = TickReport::default();
-        while let Some((fire_at, job_id)) = index.due.first().cloned() {
+        let mut report = TickReport {
+            preference_changes: self.watch_preferences(index, now).await?,
+            ..TickReport::default()
+        };
+        index.paused = self
+            .schedules
+            .paused_jobs()
+            .await?
+            .into_iter()
+            .map(|p| (p.job.clone(), p))
+            .collect();
+        while let Some((fire_at, key)) = index.due.first().cloned() {
             if fire_at > now {
                 break;
             }
-            index.due.pop_first();
-            let Some(job) = self.jobs.get(&job_id) else {
+            let Some(unit) = index.remove(&key) else {
                 continue;
             };
-            let (next, last) = index.next.get(&job_id).copied().unwrap_or((None, None));
-            match self.fire(job, next, last, now, &mut report).await {
-                Ok((next, last)) => self.insert(index, job, next, last),
+            let Some(job) = self.jobs.get(&key.job) else {
+                continue;
+            };
+            let paused = index.paused.contains_key(&key.job);
+            match self.fire(&key, &unit, job, now, paused, &mut report).await {
+                Ok((next, last)) => index.insert(key, Unit { next, last, ..unit }),
                 Err(e) => {
                     // Keep it due; the next tick tries again.
-                    self.insert(index, job, next, last);
+                    index.insert(key, unit);
                     return Err(e);
                 }
             }
@@ -214,97 +509,134 @@ impl BatchScheduler {
     /// Fires one due schedule and moves its state on; returns its new (next, last fired).
     async fn fire(
         &self,
+        key: &Key,
+        unit: &Unit,
         job: &Job,
-        next: Option<DateTime<Utc>>,
-        last: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
+        paused: bool,
         report: &mut TickReport,
-    ) -> Result<Position, Error> {
-        let (Some(schedule), Some(next_nominal)) = (&job.schedule, next) else {
-            return Ok((next, last));
+    ) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>), Error> {
+        let Some(next_nominal) = unit.next else {
+            return Ok((unit.next, unit.last));
         };
-        let due = due_fires(schedule, job.id.as_str(), next_nominal, now, job.misfire);
-        report.dropped += due.dropped;
+        let due = due_fires(
+            &unit.schedule,
+            &jitter_key(key),
+            next_nominal,
+            now,
+            if paused { Misfire::Skip } else { job.misfire },
+        );
         let mut fired = Vec::with_capacity(due.fire.len());
-        for nominal in &due.fire {
-            if !self.overlap_allows(job, *nominal).await? {
-                report.dropped += 1;
-                continue;
-            }
-            fired.push(*nominal);
-            let occurrence = match self
-                .runs
-                .create_occurrence(&job.id, &job.tenant, *nominal, "")
-                .await?
-            {
-                Occurrence::Created(id) | Occurrence::Existed(id) => id,
-            };
-            let run = if self.runs.run_for_occurrence(occurrence).await?.is_some() {
-                None
-            } else {
-                match self
-                    .processor
-                    .start_occurrence(job, occurrence, *nominal, &Scope::default())
-                    .await
-                {
-                    Ok(run) => Some(run.id),
-                    Err(Error::Store(StoreError::AlreadyExists(_))) => None,
-                    Err(e) => return Err(e),
+        if paused {
+            report.paused += due.fire.len() + due.dropped;
+        } else {
+            report.dropped += due.dropped;
+            for nominal in &due.fire {
+                if !self.overlap_allows(job, &key.group, *nominal).await? {
+                    report.dropped += 1;
+                    continue;
                 }
-            };
-            report.fired.push(Fired {
-                job: job.id.clone(),
-                nominal: *nominal,
-                run,
-            });
+                fired.push(*nominal);
+                let scope = Scope {
+                    users: (!key.group.is_empty())
+                        .then(|| unit.users.iter().cloned().collect::<HashSet<_>>()),
+                    ..Scope::default()
+                };
+                let run = self
+                    .occur(job, &key.group, *nominal, Trigger::Scheduled, &scope)
+                    .await?;
+                report.fired.push(Fired {
+                    job: job.id.clone(),
+                    group: key.group.clone(),
+                    nominal: *nominal,
+                    run,
+                });
+            }
         }
         let state = ScheduleState {
             job: job.id.clone(),
-            group: String::new(),
+            group: key.group.clone(),
             tenant: job.tenant.clone(),
             next_nominal: due.next,
-            last_fired: fired.last().copied().or(last),
+            last_fired: fired.last().copied().or(unit.last),
         };
         if self
             .schedules
-            .advance_schedule(Some(next), &state, now)
+            .advance_schedule(Some(unit.next), &state, now)
             .await?
         {
-            Ok((state.next_nominal, state.last_fired))
-        } else {
-            // Another replica moved it on first; follow it.
-            Ok(self
-                .reload(&job.id)
-                .await?
-                .map_or((state.next_nominal, state.last_fired), |s| {
-                    (s.next_nominal, s.last_fired)
-                }))
+            return Ok((state.next_nominal, state.last_fired));
+        }
+        // Another replica moved it on first; follow it.
+        Ok(self
+            .schedules
+            .schedule_state(&job.id, &key.group)
+            .await?
+            .map_or((state.next_nominal, state.last_fired), |s| {
+                (s.next_nominal, s.last_fired)
+            }))
+    }
+
+    /// Creates the occurrence of `job` at `nominal` for `group` and its run, exactly once:
+    /// returns the run when this call created it, `None` when it existed.
+    async fn occur(
+        &self,
+        job: &Job,
+        group: &str,
+        nominal: DateTime<Utc>,
+        trigger: Trigger,
+        scope: &Scope,
+    ) -> Result<Option<RunId>, Error> {
+        let runs = &self.processor.ports().runs;
+        let occurrence = match runs
+            .create_occurrence(&job.id, &job.tenant, nominal, group)
+            .await?
+        {
+            Occurrence::Created(id) | Occurrence::Existed(id) => id,
+        };
+        if runs.run_for_occurrence(occurrence).await?.is_some() {
+            return Ok(None);
+        }
+        match self
+            .processor
+            .start_occurrence(job, trigger, occurrence, nominal, group, scope)
+            .await
+        {
+            Ok(run) => Ok(Some(run.id)),
+            Err(Error::Store(StoreError::AlreadyExists(_))) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
-    /// Applies the job's overlap policy to a fire about to happen: whether it may create its
-    /// run. `cancel_other` asks the job's unfinished runs to stop; `buffer_one` keeps one run
-    /// waiting; `skip` fires only when nothing else of the job is unfinished. The runs themselves
-    /// wait their turn at claim time (serial runs), except under `allow_all`.
-    async fn overlap_allows(&self, job: &Job, nominal: DateTime<Utc>) -> Result<bool, Error> {
+    /// Applies the job's overlap policy to a fire of `group` about to happen: whether it may
+    /// create its run. Only runs of the same job and group count. `cancel_other` asks them to
+    /// stop; `buffer_one` keeps one run waiting; `skip` fires only when nothing else of the
+    /// schedule is unfinished. The runs themselves wait their turn at claim time (serial runs),
+    /// except under `allow_all`.
+    async fn overlap_allows(
+        &self,
+        job: &Job,
+        group: &str,
+        nominal: DateTime<Utc>,
+    ) -> Result<bool, Error> {
         if job.overlap == Overlap::AllowAll || job.overlap == Overlap::BufferAll {
             return Ok(true);
         }
+        let runs = &self.processor.ports().runs;
         // The run of this very fire (created before a crash, or by another replica) is not an
         // other run: it must neither block nor be cancelled by its own fire.
-        let active: Vec<_> = self
-            .runs
+        let active: Vec<_> = runs
             .active_runs(&job.id)
             .await?
             .into_iter()
-            .filter(|r| r.scheduled_for != Some(nominal))
+            .filter(|r| r.group == group && r.scheduled_for != Some(nominal))
             .collect();
         Ok(match job.overlap {
             Overlap::Skip => active.is_empty(),
             Overlap::BufferOne => !active.iter().any(|r| r.status == RunStatus::Queued),
             Overlap::CancelOther => {
                 for run in &active {
-                    self.runs.request_cancel(&run.id).await?;
+                    runs.request_cancel(&run.id).await?;
                 }
                 true
             }
@@ -312,56 +644,227 @@ impl BatchScheduler {
         })
     }
 
-    /// The next fire of every schedule, soonest first.
+    /// Starts a run of `job` now, outside its schedule (also for jobs without one, and for
+    /// paused jobs), with the overrides and user restriction of `scope`.
+    ///
+    /// # Errors
+    /// [`Error::Job`] for an unknown or disabled job; otherwise as [`BatchProcessor::start`].
+    pub async fn trigger(
+        &self,
+        job: &JobId,
+        scope: &Scope,
+    ) -> Result<batch_ports::runs::RunRecord, Error> {
+        let job = self.job(job)?;
+        self.processor
+            .start(job, Trigger::Manual, None, scope, None)
+            .await
+    }
+
+    /// Creates the runs of every instant of `job`'s schedules (its own, or each current
+    /// preference group's) in `from..=to`, oldest first, each at most once: instants that
+    /// already fired or were backfilled before are counted, not run again.
+    ///
+    /// # Errors
+    /// [`Error::Job`] for an unknown job, a job without a schedule, a range that is empty,
+    /// ends after `now` or holds more than [`MAX_BACKFILL`] instants; otherwise store and
+    /// preparation errors.
+    pub async fn backfill(
+        &self,
+        job: &JobId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Backfill, Error> {
+        let job = self.job(job)?.clone();
+        if from > to {
+            return Err(Error::Job(format!(
+                "backfill range is empty: {from} is after {to}"
+            )));
+        }
+        if to > now {
+            return Err(Error::Job(format!(
+                "backfill must end by now ({now}), not {to}"
+            )));
+        }
+        let mut instants: Vec<(DateTime<Utc>, String, Scope)> = Vec::new();
+        {
+            let mut guard = self.index.lock().await;
+            if guard.is_none() {
+                let mut index = self.load(now).await?;
+                self.watch_preferences(&mut index, now).await?;
+                *guard = Some(index);
+            }
+            let Some(index) = guard.as_ref() else {
+                return Ok(Backfill::default());
+            };
+            let mut units: Vec<(&Key, &Unit)> = index
+                .units
+                .iter()
+                .filter(|(key, _)| key.job == job.id)
+                .collect();
+            units.sort_by(|a, b| a.0.cmp(b.0));
+            if units.is_empty() && job.dynamic.is_none() {
+                return Err(Error::Job(format!("job {} has no schedule", job.id)));
+            }
+            for (key, unit) in units {
+                let scope = Scope {
+                    users: (!key.group.is_empty())
+                        .then(|| unit.users.iter().cloned().collect::<HashSet<_>>()),
+                    ..Scope::default()
+                };
+                for nominal in unit
+                    .schedule
+                    .nominals_after(from - Duration::milliseconds(1))
+                    .take_while(|n| *n <= to)
+                {
+                    if instants.len() == MAX_BACKFILL {
+                        return Err(Error::Job(format!(
+                            "backfill of {} from {from} to {to} holds more than {MAX_BACKFILL} instants; split the range",
+                            job.id
+                        )));
+                    }
+                    instants.push((nominal, key.group.clone(), scope.clone()));
+                }
+            }
+        }
+        instants.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut report = Backfill::default();
+        for (nominal, group, scope) in instants {
+            match self
+                .occur(&job, &group, nominal, Trigger::Backfill, &scope)
+                .await?
+            {
+                Some(run) => report.created.push(run),
+                None => report.existed += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Pauses `job`'s schedules on every replica, with a note saying why: instants that come
+    /// due while it is paused are not fired (runs already created carry on; cancel them
+    /// separately). Takes effect at each replica's next tick.
+    ///
+    /// # Errors
+    /// [`Error::Job`] for an unknown job; [`Error::Store`] when the store fails.
+    pub async fn pause(&self, job: &JobId, note: &str, now: DateTime<Utc>) -> Result<(), Error> {
+        let job = self.job(job)?;
+        self.schedules
+            .pause_job(&Pause {
+                job: job.id.clone(),
+                tenant: job.tenant.clone(),
+                note: note.to_owned(),
+                since: now,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Resumes a paused job: its schedules fire again from their next instant after `now`.
+    /// Returns whether it was paused.
+    ///
+    /// # Errors
+    /// [`Error::Job`] for an unknown job; [`Error::Store`] when the store fails.
+    pub async fn resume(&self, job: &JobId) -> Result<bool, Error> {
+        let job = self.job(job)?;
+        Ok(self.schedules.resume_job(&job.id).await?)
+    }
+
+    /// The next fire of every schedule `filter` selects, soonest first.
     ///
     /// # Errors
     /// [`Error::Store`] when the states cannot be loaded.
-    pub async fn next_fires(&self, now: DateTime<Utc>) -> Result<Vec<NextFire>, Error> {
+    pub async fn next_fires(
+        &self,
+        now: DateTime<Utc>,
+        filter: &FireFilter,
+    ) -> Result<Vec<NextFire>, Error> {
         let mut guard = self.index.lock().await;
         if guard.is_none() {
-            *guard = Some(self.load(now).await?);
+            let mut index = self.load(now).await?;
+            self.watch_preferences(&mut index, now).await?;
+            index.paused = self
+                .schedules
+                .paused_jobs()
+                .await?
+                .into_iter()
+                .map(|p| (p.job.clone(), p))
+                .collect();
+            *guard = Some(index);
         }
-        Ok(guard
-            .as_ref()
-            .map(|index| {
-                index
-                    .due
-                    .iter()
-                    .filter_map(|(fire_at, job)| {
-                        index
-                            .next
-                            .get(job)
-                            .and_then(|(next, _)| *next)
-                            .map(|nominal| NextFire {
-                                job: job.clone(),
-                                nominal,
-                                fire_at: *fire_at,
-                            })
+        let Some(index) = guard.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let user_groups: Option<HashSet<Key>> = filter.user.as_ref().map(|user| {
+            index
+                .members
+                .iter()
+                .filter_map(|(job, members)| {
+                    members.group_of.get(user).map(|group| Key {
+                        job: job.clone(),
+                        group: group.clone(),
                     })
-                    .collect()
-            })
-            .unwrap_or_default())
+                })
+                .collect()
+        });
+        let mut out = Vec::new();
+        for (fire_at, key) in &index.due {
+            let (Some(job), Some(unit)) = (self.jobs.get(&key.job), index.units.get(key)) else {
+                continue;
+            };
+            let feature_type = job.dynamic.as_ref().map(|d| d.feature_type.clone());
+            let selected = filter.job.as_ref().is_none_or(|j| j == &job.id)
+                && filter.tenant.as_ref().is_none_or(|t| t == &job.tenant)
+                && filter
+                    .feature_type
+                    .as_ref()
+                    .is_none_or(|f| Some(f) == feature_type.as_ref())
+                && user_groups.as_ref().is_none_or(|keys| keys.contains(key));
+            let Some(nominal) = unit.next.filter(|_| selected) else {
+                continue;
+            };
+            out.push(NextFire {
+                job: job.id.clone(),
+                tenant: job.tenant.clone(),
+                feature_type,
+                group: key.group.clone(),
+                schedule: unit.schedule.to_string(),
+                users: unit.users.len(),
+                nominal,
+                fire_at: *fire_at,
+                paused: index.paused.get(&job.id).map(|p| p.note.clone()),
+            });
+        }
+        Ok(out)
     }
 
-    /// Ticks until `stop` turns true, sleeping on the clock until the next fire (at most
-    /// `max_wait` at a time).
-    ///
-    /// # Errors
-    /// The first error of a tick; the caller decides whether to start again.
+    /// When the next schedule fires, if any.
+    async fn next_due(&self) -> Option<DateTime<Utc>> {
+        let guard = self.index.lock().await;
+        guard
+            .as_ref()
+            .and_then(|index| index.due.first().map(|(at, _)| *at))
+    }
+
+    /// Ticks until `stop` turns true, sleeping on the clock until the next fire but at most
+    /// `max_wait` at a time — which also bounds how long a preference change or a pause takes
+    /// to apply. A failing tick is logged and retried after `max_wait`: a database that went
+    /// away delays fires (the misfire policy then applies), it does not stop the scheduler.
     pub async fn run_until_stopped(
         &self,
-        clock: Arc<dyn batch_ports::Clock>,
         max_wait: std::time::Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), Error> {
+    ) {
+        let clock = self.processor.ports().clock.clone();
         while !*stop.borrow() {
             let now = clock.now();
-            self.tick(now).await?;
+            if let Err(e) = self.tick(now).await {
+                tracing::warn!(error = %e, "scheduler tick failed");
+            }
             let wait = self
-                .next_fires(now)
-                .await?
-                .first()
-                .and_then(|n| (n.fire_at - clock.now()).to_std().ok())
+                .next_due()
+                .await
+                .and_then(|at| (at - clock.now()).to_std().ok())
                 .unwrap_or(max_wait)
                 .min(max_wait);
             tokio::select! {
@@ -369,6 +872,5 @@ impl BatchScheduler {
                 _ = stop.changed() => {}
             }
         }
-        Ok(())
     }
 }

@@ -15,24 +15,58 @@ use batch_domain::config::{CategorySelection, Job, Source, UserSelection};
 use batch_domain::context::Tally;
 use batch_domain::preference::{Preference, PreferenceDefaults};
 use batch_domain::run::ItemStatus;
-use batch_domain::{TenantId, UserId};
+use batch_domain::{Priority, TemplateId, TenantId, UserId};
 use batch_ports::runs::NewItem;
 use batch_ports::{CategoryItem, SourceError};
 use serde_json::{Map, Value, json};
 
 use crate::{Error, Ports};
 
-/// Restricts a run to part of a job's users: the users of one preference group, say.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What one run covers and overrides: part of a job's users (the users of one preference
+/// group, say), and a trigger's template, parameter and priority overrides.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scope {
     /// Only these users (all of the job's users when `None`).
     pub users: Option<HashSet<UserId>>,
+    /// A template to use instead of the job's and the users' own (a trigger override).
+    pub template: Option<TemplateId>,
+    /// Parameters merged over every item's (a trigger override).
+    pub parameters: Map<String, Value>,
+    /// A priority to run with instead of the job's.
+    pub priority: Option<Priority>,
 }
 
 impl Scope {
     /// Whether `user` belongs to the run.
     pub fn includes(&self, user: &UserId) -> bool {
         self.users.as_ref().is_none_or(|users| users.contains(user))
+    }
+
+    /// Applies the template and parameter overrides to prepared items: they win over the
+    /// job's template and over users' preference overrides.
+    pub fn apply_overrides(&self, items: &mut [NewItem]) {
+        if self.template.is_none() && self.parameters.is_empty() {
+            return;
+        }
+        for item in items {
+            let Value::Object(payload) = &mut item.payload else {
+                continue;
+            };
+            if let Some(template) = &self.template {
+                payload.insert("template".to_owned(), Value::from(template.as_str()));
+            }
+            if !self.parameters.is_empty() {
+                let parameters = payload
+                    .entry("parameters")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !parameters.is_object() {
+                    *parameters = Value::Object(Map::new());
+                }
+                if let Value::Object(own) = parameters {
+                    own.extend(self.parameters.clone());
+                }
+            }
+        }
     }
 }
 

@@ -710,6 +710,7 @@ async fn a_scope_restricts_the_run_to_its_users() {
     let job = job(json!({}));
     let scope = Scope {
         users: Some([UserId::parse("u0001").unwrap()].into_iter().collect()),
+        ..Scope::default()
     };
     let processor = world.processor("p1");
     let run = processor

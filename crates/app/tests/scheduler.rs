@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use batch_app::Ports;
 use batch_app::processor::{BatchProcessor, ProcessorSettings};
-use batch_app::scheduler::BatchScheduler;
+use batch_app::scheduler::{BatchScheduler, FireFilter};
 use batch_app::strategy::Strategies;
 use batch_domain::config::{Job, parse_job};
+use batch_domain::run::Trigger;
 use batch_domain::{JobId, TenantId};
 use batch_ports::runs::{Occurrence, RunStore};
 use batch_testkit::ManualClock;
@@ -65,12 +66,7 @@ fn world(start: DateTime<Utc>) -> World {
 
 impl World {
     fn scheduler(&self, jobs: &[Job]) -> BatchScheduler {
-        BatchScheduler::new(
-            self.processor.clone(),
-            self.runs.clone(),
-            self.runs.clone(),
-            jobs,
-        )
+        BatchScheduler::new(self.processor.clone(), self.runs.clone(), jobs)
     }
 }
 
@@ -283,7 +279,11 @@ async fn next_fires_are_listed_soonest_first() {
         ),
     ];
     let world = world(start);
-    let next = world.scheduler(&jobs).next_fires(start).await.unwrap();
+    let next = world
+        .scheduler(&jobs)
+        .next_fires(start, &FireFilter::default())
+        .await
+        .unwrap();
     let order: Vec<&str> = next.iter().map(|n| n.job.as_str()).collect();
     assert_eq!(order, ["soon", "late"]);
     assert_eq!(next[0].nominal, utc("2027-01-01T11:00:00Z"));
@@ -465,8 +465,10 @@ async fn cancel_other_never_cancels_the_run_of_its_own_fire() {
         .processor
         .start_occurrence(
             &job,
+            Trigger::Scheduled,
             occurrence,
             nominal,
+            "",
             &batch_app::strategy::Scope::default(),
         )
         .await

@@ -5,7 +5,9 @@ use std::fmt;
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::ids::JobId;
+use std::collections::HashMap;
+
+use crate::ids::{JobId, TenantId};
 
 /// A base priority from 0 (lowest) to 100 (highest). The names map to fixed points:
 /// `low` = 25, `normal` = 50, `high` = 75, `critical` = 100.
@@ -152,6 +154,77 @@ impl PartialOrd for QueueKey {
     }
 }
 
+/// Width of a priority band, in effective priority points. Work in a higher band always goes
+/// first; within one band, slots are shared across tenants (see [`fair_order`]).
+pub const BAND_WIDTH: u32 = 10;
+
+/// One piece of work waiting for a run slot, as [`fair_order`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// Its base priority.
+    pub base: Priority,
+    /// Since when it has been due.
+    pub due: DateTime<Utc>,
+    /// Its job.
+    pub job: JobId,
+    /// Its tenant.
+    pub tenant: TenantId,
+}
+
+/// The order in which to give slots to `waiting` at `now`, as indices into it. The next slot
+/// goes to the work with the highest effective priority band ([`BAND_WIDTH`] points of
+/// base + aging); within that band, to the tenant with the fewest runs — those in `running`
+/// plus those ordered before — and within that tenant, by [`QueueKey`]. So a tenant with ten
+/// times the due work of another gets no more slots than it while both have work, and aging
+/// lifts starved low-priority work into higher bands.
+pub fn fair_order(
+    waiting: &[Waiting],
+    running: &HashMap<TenantId, usize>,
+    now: DateTime<Utc>,
+    aging: Aging,
+) -> Vec<usize> {
+    let mut queues: HashMap<&TenantId, Vec<(QueueKey, usize)>> = HashMap::new();
+    for (index, work) in waiting.iter().enumerate() {
+        queues.entry(&work.tenant).or_default().push((
+            QueueKey::at(work.base, work.due, work.job.clone(), now, aging),
+            index,
+        ));
+    }
+    // Each tenant's queue is sorted worst first, so its best is popped from the end.
+    let mut queues: Vec<(&TenantId, usize, Vec<(QueueKey, usize)>)> = queues
+        .into_iter()
+        .map(|(tenant, mut queue)| {
+            queue.sort_by(|a, b| b.cmp(a));
+            (tenant, running.get(tenant).copied().unwrap_or(0), queue)
+        })
+        .collect();
+    queues.sort_by(|a, b| a.0.cmp(b.0));
+    let mut order = Vec::with_capacity(waiting.len());
+    loop {
+        let best = queues
+            .iter()
+            .enumerate()
+            .filter_map(|(at, (tenant, busy, queue))| {
+                queue.last().map(|(key, _)| (at, *tenant, *busy, key))
+            })
+            .min_by(|a, b| {
+                (b.3.effective / BAND_WIDTH)
+                    .cmp(&(a.3.effective / BAND_WIDTH))
+                    .then(a.2.cmp(&b.2))
+                    .then_with(|| a.3.cmp(b.3))
+                    .then_with(|| a.1.cmp(b.1))
+            })
+            .map(|(at, ..)| at);
+        let Some(at) = best else { break };
+        let (_, busy, queue) = &mut queues[at];
+        if let Some((_, index)) = queue.pop() {
+            order.push(index);
+            *busy += 1;
+        }
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +305,102 @@ mod tests {
         assert_eq!(order, ["c", "a", "b"]);
     }
 
+    fn waiting(tenant: &str, job: &str, base: Priority, due: DateTime<Utc>) -> Waiting {
+        Waiting {
+            base,
+            due,
+            job: JobId::parse(job).unwrap(),
+            tenant: TenantId::parse(tenant).unwrap(),
+        }
+    }
+
+    fn tenants_in_order(work: &[Waiting], order: &[usize]) -> String {
+        order
+            .iter()
+            .map(|i| &work[*i].tenant.as_str()[..1])
+            .collect()
+    }
+
+    #[test]
+    fn two_tenants_with_ten_to_one_due_work_take_turns() {
+        let now = DateTime::parse_from_rfc3339("2027-01-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let mut work: Vec<Waiting> = (0..100)
+            .map(|i| {
+                waiting(
+                    "alpha",
+                    &format!("a{i:03}"),
+                    Priority::NORMAL,
+                    now - Duration::seconds(30),
+                )
+            })
+            .collect();
+        work.extend((0..10).map(|i| waiting("beta", &format!("b{i:03}"), Priority::NORMAL, now)));
+        let order = fair_order(&work, &HashMap::new(), now, Aging::default());
+        assert_eq!(order.len(), 110);
+        let tenants = tenants_in_order(&work, &order);
+        assert_eq!(&tenants[..20], "abababababababababab");
+        assert!(tenants[20..].chars().all(|t| t == 'a'));
+        // Within a tenant, queue order holds.
+        let alpha: Vec<&str> = order
+            .iter()
+            .map(|i| work[*i].job.as_str())
+            .filter(|j| j.starts_with('a'))
+            .collect();
+        let mut sorted = alpha.clone();
+        sorted.sort_unstable();
+        assert_eq!(alpha, sorted);
+    }
+
+    #[test]
+    fn a_tenant_already_running_more_waits_for_the_other() {
+        let now = DateTime::parse_from_rfc3339("2027-01-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let work = vec![
+            waiting("alpha", "a1", Priority::NORMAL, now - Duration::seconds(50)),
+            waiting("alpha", "a2", Priority::NORMAL, now - Duration::seconds(50)),
+            waiting("beta", "b1", Priority::NORMAL, now),
+            waiting("beta", "b2", Priority::NORMAL, now),
+        ];
+        let running = HashMap::from([(TenantId::parse("alpha").unwrap(), 3)]);
+        let order = fair_order(&work, &running, now, Aging::default());
+        assert_eq!(tenants_in_order(&work, &order), "bbaa");
+    }
+
+    #[test]
+    fn a_higher_band_goes_before_fairness_and_aging_lifts_low_work_into_it() {
+        let now = DateTime::parse_from_rfc3339("2027-01-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let fresh_low = waiting("beta", "low", Priority::LOW, now);
+        let high = waiting("alpha", "high", Priority::HIGH, now);
+        let high2 = waiting("alpha", "high2", Priority::HIGH, now);
+        let order = fair_order(
+            &[fresh_low.clone(), high.clone(), high2.clone()],
+            &HashMap::new(),
+            now,
+            Aging::default(),
+        );
+        assert_eq!(order, [1, 2, 0], "band beats tenant fairness");
+        let old_low = Waiting {
+            due: now - Duration::minutes(52),
+            ..fresh_low
+        };
+        let order = fair_order(
+            &[old_low, high, high2],
+            &HashMap::new(),
+            now,
+            Aging::default(),
+        );
+        assert_eq!(
+            order,
+            [0, 1, 2],
+            "aged into the same band, the other tenant goes first"
+        );
+    }
+
     proptest! {
         #[test]
         fn effective_priority_is_monotone_and_capped(base in 0u64..=100, a in -10_000i64..1_000_000, b in -10_000i64..1_000_000, interval in 1i64..10_000, cap in 0u32..1_000) {
@@ -242,6 +411,17 @@ mod tests {
             let p_long = effective_priority(base, Duration::seconds(long), aging);
             prop_assert!(p_short <= p_long);
             prop_assert!(p_long <= u32::from(base.value()) + cap);
+        }
+
+        #[test]
+        fn fair_order_is_a_permutation(spec in proptest::collection::vec((0usize..4, 0u64..=100, 0i64..600), 0..60)) {
+            let now = DateTime::parse_from_rfc3339("2027-01-01T12:00:00Z").unwrap().to_utc();
+            let work: Vec<Waiting> = spec.iter().enumerate().map(|(i, (tenant, base, ago))| waiting(
+                &format!("t{tenant}"), &format!("j{i}"), Priority::new(*base).unwrap(), now - Duration::minutes(*ago),
+            )).collect();
+            let mut order = fair_order(&work, &HashMap::new(), now, Aging::default());
+            order.sort_unstable();
+            prop_assert_eq!(order, (0..work.len()).collect::<Vec<_>>());
         }
     }
 }

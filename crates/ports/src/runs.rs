@@ -1,6 +1,7 @@
 //! The durable state of runs: runs with their items, leases, per-chunk outcomes and occurrences.
 
 use async_trait::async_trait;
+use batch_domain::priority::Aging;
 use batch_domain::run::{ItemCounts, ItemStatus, Lease, RunId, RunStatus, Trigger};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use chrono::{DateTime, Utc};
@@ -49,6 +50,9 @@ pub struct NewRun {
     pub scheduled_for: Option<DateTime<Utc>>,
     /// The occurrence it belongs to, if any.
     pub occurrence: Option<i64>,
+    /// The schedule group it fired for (a preference group); empty for a job's own schedule
+    /// and for manual runs. Serial runs wait only for runs of their own job and group.
+    pub group: String,
     /// The run whose context this run's context merges into.
     pub parent: Option<RunId>,
     /// A serial run is not claimed while another run of its job is running, nor before the
@@ -90,6 +94,8 @@ pub struct RunRecord {
     pub scheduled_for: Option<DateTime<Utc>>,
     /// The run this one merges into.
     pub parent: Option<RunId>,
+    /// The schedule group it fired for; empty for a job's own schedule and manual runs.
+    pub group: String,
     /// When it was created.
     pub created_at: DateTime<Utc>,
     /// When it was first claimed.
@@ -201,8 +207,10 @@ pub trait RunStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError>;
 
-    /// Claims the run `run` for `owner` until `lease_until` if it has not ended and has no live
-    /// lease at `now`; `None` otherwise.
+    /// Claims the run `run` for `owner` until `lease_until` if it has not ended, has no live
+    /// lease at `now`, may start (the serial rule of [`NewRun::serial`]) and, with
+    /// `max_running`, fewer than that many other runs hold a live lease (the global limit on
+    /// concurrent runs, exact across replicas); `None` otherwise.
     ///
     /// # Errors
     /// As [`RunStore::claim_runs`].
@@ -212,10 +220,35 @@ pub trait RunStore: Send + Sync {
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        max_running: Option<usize>,
     ) -> Result<Option<RunRecord>, StoreError>;
 
-    /// Extends `owner`'s lease on `run` to `until`; returns whether a cancel was requested
-    /// meanwhile (see [`RunStore::request_cancel`]).
+    /// The runs that could be claimed at `now` (as [`RunStore::claim_runs`] would take them),
+    /// at most `per_tenant` of each tenant: the best of each tenant by effective priority
+    /// (base priority aged by `aging` since creation), then age. Claims nothing; the caller
+    /// orders them fairly and claims with [`RunStore::claim_run`].
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn claimable_runs(
+        &self,
+        now: DateTime<Utc>,
+        aging: Aging,
+        per_tenant: usize,
+    ) -> Result<Vec<RunRecord>, StoreError>;
+
+    /// How many runs hold a live lease at `now`, per tenant (tenants with none are left out).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn running_by_tenant(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(TenantId, usize)>, StoreError>;
+
+    /// Extends `owner`'s lease on `run` to `until`, and the leases of the items of `run` it
+    /// holds to at least `until` (a heartbeat during a long chunk keeps both alive); returns
+    /// whether a cancel was requested meanwhile (see [`RunStore::request_cancel`]).
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease.

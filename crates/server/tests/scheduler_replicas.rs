@@ -56,7 +56,7 @@ async fn replica(url: &str, owner: &str, start: DateTime<Utc>, jobs: &[Job]) -> 
         ..ProcessorSettings::default()
     };
     let processor = Arc::new(BatchProcessor::new(ports, Strategies::default(), settings));
-    BatchScheduler::new(processor, store.clone(), store, jobs)
+    BatchScheduler::new(processor, store, jobs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]

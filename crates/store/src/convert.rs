@@ -75,7 +75,7 @@ fn optional_instant(row: &QueryResult, column: &str) -> Result<Option<DateTime<U
 /// The columns [`run_record`] reads, in a form to put after `SELECT` or `RETURNING`.
 pub(crate) const RUN_COLUMNS: &str = "id, job_id, tenant, status, trigger, priority, \
     scheduled_for_ms, parent_id, created_ms, started_ms, finished_ms, lease_owner, lease_expires_ms, \
-    cancel_requested";
+    cancel_requested, group_key";
 
 pub(crate) fn run_record(row: &QueryResult) -> Result<RunRecord, StoreError> {
     let lease = match (
@@ -105,6 +105,7 @@ pub(crate) fn run_record(row: &QueryResult) -> Result<RunRecord, StoreError> {
             .map(RunId::parse)
             .transpose()
             .map_err(|e| corrupt("parent id", e))?,
+        group: get(row, "group_key")?,
         created_at: instant(get(row, "created_ms")?)?,
         started_at: optional_instant(row, "started_ms")?,
         finished_at: optional_instant(row, "finished_ms")?,

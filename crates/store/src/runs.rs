@@ -1,6 +1,7 @@
 //! [`RunStore`] over SQLite and PostgreSQL.
 
 use async_trait::async_trait;
+use batch_domain::priority::Aging;
 use batch_domain::run::{ItemCounts, ItemStatus, RunId, RunStatus};
 use batch_domain::{JobId, TenantId};
 use batch_ports::runs::{
@@ -42,15 +43,22 @@ fn placeholders(rows: usize, width: usize, first: usize) -> String {
     out
 }
 
-/// A serial run may start only when no other run of its job is running and no older queued
-/// serial run of its job waits (a running run itself passes: its lease may be taken over).
+/// A serial run may start only when no other run of its job and group is running and no older
+/// queued serial run of its job and group waits (a running run itself passes: its lease may be
+/// taken over).
 const SERIAL_READY: &str = "(NOT serial OR status = 'running' OR (\
     NOT EXISTS (SELECT 1 FROM runs other WHERE other.job_id = runs.job_id \
+        AND other.group_key = runs.group_key \
         AND other.id <> runs.id AND other.status = 'running') \
     AND NOT EXISTS (SELECT 1 FROM runs older WHERE older.job_id = runs.job_id \
+        AND older.group_key = runs.group_key \
         AND older.serial AND older.status = 'queued' \
         AND (older.created_ms < runs.created_ms \
              OR (older.created_ms = runs.created_ms AND older.id < runs.id)))))";
+
+/// The PostgreSQL advisory lock key under which claims bounded by the global limit take turns
+/// ("batchrun" in ASCII).
+const GLOBAL_LIMIT_LOCK: i64 = 0x6261_7463_6872_756e;
 
 /// The lock clause that lets concurrent claimers pass each other on PostgreSQL. SQLite has a
 /// single writer, and the claim is one statement.
@@ -123,8 +131,8 @@ impl RunStore for Store {
     async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
         let txn = self.db.begin().await.map_err(db_error)?;
         let sql = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
-                scheduled_for_ms, parent_id, created_ms, serial) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+                scheduled_for_ms, parent_id, created_ms, serial, group_key) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
         txn.execute_raw(self.statement(
             sql,
             vec![
@@ -138,6 +146,7 @@ impl RunStore for Store {
                 optional_text(run.parent.as_ref().map(RunId::as_str)),
                 big(millis(run.created_at)),
                 Value::Bool(Some(run.serial)),
+                text(&run.group),
             ],
         ))
         .await
@@ -230,30 +239,110 @@ impl RunStore for Store {
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        max_running: Option<usize>,
     ) -> Result<Option<RunRecord>, StoreError> {
         self.ensure_single_process()?;
+        let mut values = vec![
+            text(run.as_str()),
+            text(owner),
+            big(millis(lease_until)),
+            big(millis(now)),
+        ];
+        let limit = match max_running {
+            Some(max) => {
+                values.push(big(i64::try_from(max).unwrap_or(i64::MAX)));
+                "AND (SELECT COUNT(*) FROM runs busy WHERE busy.status = 'running' \
+                     AND busy.lease_expires_ms > $4 AND busy.id <> $1) < $5"
+            }
+            None => "",
+        };
         let sql = format!(
             "UPDATE runs SET status = 'running', lease_owner = $2, lease_expires_ms = $3, \
                  started_ms = COALESCE(started_ms, $4) \
              WHERE id = $1 AND status IN ('queued', 'running') \
                AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4) \
-               AND {SERIAL_READY} \
+               AND {SERIAL_READY} {limit} \
              RETURNING {RUN_COLUMNS}"
         );
-        let row = self
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if max_running.is_some() && self.backend() == DbBackend::Postgres {
+            // Claims under the global limit take turns, so two replicas never both see the
+            // last free slot. SQLite has a single writer already.
+            txn.execute_raw(self.statement(
+                "SELECT pg_advisory_xact_lock($1)",
+                vec![big(GLOBAL_LIMIT_LOCK)],
+            ))
+            .await
+            .map_err(db_error)?;
+        }
+        let row = txn
+            .query_one_raw(self.statement(&sql, values))
+            .await
+            .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        row.as_ref().map(run_record).transpose()
+    }
+
+    async fn claimable_runs(
+        &self,
+        now: DateTime<Utc>,
+        aging: Aging,
+        per_tenant: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        // Effective priority as `batch_domain::priority::effective_priority` computes it, in
+        // integer arithmetic both backends share.
+        let effective = "priority + CASE WHEN created_ms >= $1 THEN 0 \
+             WHEN ($1 - created_ms) / $2 > $3 THEN $3 \
+             ELSE ($1 - created_ms) / $2 END";
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM (SELECT {RUN_COLUMNS}, ROW_NUMBER() OVER ( \
+                 PARTITION BY tenant ORDER BY {effective} DESC, created_ms, id) AS tenant_rank \
+               FROM runs WHERE status IN ('queued', 'running') \
+                 AND (lease_expires_ms IS NULL OR lease_expires_ms <= $1) \
+                 AND {SERIAL_READY}) ranked \
+             WHERE tenant_rank <= $4 ORDER BY tenant, tenant_rank"
+        );
+        let interval = aging.interval.num_milliseconds().max(1_000);
+        let rows = self
             .db
-            .query_one_raw(self.statement(
+            .query_all_raw(self.statement(
                 &sql,
                 vec![
-                    text(run.as_str()),
-                    text(owner),
-                    big(millis(lease_until)),
                     big(millis(now)),
+                    big(interval),
+                    big(i64::from(aging.cap)),
+                    big(i64::try_from(per_tenant).unwrap_or(i64::MAX)),
                 ],
             ))
             .await
             .map_err(db_error)?;
-        row.as_ref().map(run_record).transpose()
+        rows.iter().map(run_record).collect()
+    }
+
+    async fn running_by_tenant(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(TenantId, usize)>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT tenant, COUNT(*) AS running FROM runs \
+                 WHERE status = 'running' AND lease_expires_ms > $1 GROUP BY tenant ORDER BY tenant",
+                vec![big(millis(now))],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let tenant: String = row.try_get("", "tenant").map_err(db_error)?;
+                let running: i64 = row.try_get("", "running").map_err(db_error)?;
+                Ok((
+                    TenantId::parse(tenant)
+                        .map_err(|e| StoreError::Unexpected(format!("stored tenant: {e}")))?,
+                    usize::try_from(running).unwrap_or(0),
+                ))
+            })
+            .collect()
     }
 
     async fn renew_lease(
@@ -272,6 +361,18 @@ impl RunStore for Store {
             ))
             .await
             .map_err(db_error)?;
+        if row.is_some() {
+            // Items claimed in a chunk still running stay leased while the run is.
+            self.db
+                .execute_raw(self.statement(
+                    "UPDATE run_items SET lease_expires_ms = $3 \
+                     WHERE run_id = $1 AND lease_owner = $2 AND status = 'pending' \
+                       AND lease_expires_ms < $3",
+                    vec![text(run.as_str()), text(owner), big(millis(until))],
+                ))
+                .await
+                .map_err(db_error)?;
+        }
         match row {
             Some(row) => row.try_get("", "cancel_requested").map_err(db_error),
             None => Err(StoreError::LeaseLost(format!(

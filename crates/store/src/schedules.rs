@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use batch_domain::{JobId, TenantId};
 use batch_ports::runs::StoreError;
-use batch_ports::schedules::{ScheduleState, ScheduleStore};
+use batch_ports::schedules::{Pause, ScheduleState, ScheduleStore};
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, Value};
 
@@ -12,6 +12,26 @@ use crate::convert::{db_error, instant, millis, text};
 
 fn optional_millis(t: Option<DateTime<Utc>>) -> Value {
     Value::BigInt(t.map(millis))
+}
+
+fn schedule_state(row: &sea_orm::QueryResult) -> Result<ScheduleState, StoreError> {
+    let corrupt =
+        |e: batch_domain::ids::Error| StoreError::Unexpected(format!("stored schedule state: {e}"));
+    let get_instant = |column: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
+        row.try_get::<Option<i64>>("", column)
+            .map_err(db_error)?
+            .map(instant)
+            .transpose()
+    };
+    Ok(ScheduleState {
+        job: JobId::parse(row.try_get::<String>("", "job_id").map_err(db_error)?)
+            .map_err(corrupt)?,
+        group: row.try_get("", "group_key").map_err(db_error)?,
+        tenant: TenantId::parse(row.try_get::<String>("", "tenant").map_err(db_error)?)
+            .map_err(corrupt)?,
+        next_nominal: get_instant("next_nominal_ms")?,
+        last_fired: get_instant("last_fired_ms")?,
+    })
 }
 
 #[async_trait]
@@ -26,28 +46,24 @@ impl ScheduleStore for Store {
             ))
             .await
             .map_err(db_error)?;
-        let corrupt = |e: batch_domain::ids::Error| {
-            StoreError::Unexpected(format!("stored schedule state: {e}"))
-        };
-        rows.iter()
-            .map(|row| {
-                let get_instant = |column: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
-                    row.try_get::<Option<i64>>("", column)
-                        .map_err(db_error)?
-                        .map(instant)
-                        .transpose()
-                };
-                Ok(ScheduleState {
-                    job: JobId::parse(row.try_get::<String>("", "job_id").map_err(db_error)?)
-                        .map_err(corrupt)?,
-                    group: row.try_get("", "group_key").map_err(db_error)?,
-                    tenant: TenantId::parse(row.try_get::<String>("", "tenant").map_err(db_error)?)
-                        .map_err(corrupt)?,
-                    next_nominal: get_instant("next_nominal_ms")?,
-                    last_fired: get_instant("last_fired_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(schedule_state).collect()
+    }
+
+    async fn schedule_state(
+        &self,
+        job: &JobId,
+        group: &str,
+    ) -> Result<Option<ScheduleState>, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT job_id, group_key, tenant, next_nominal_ms, last_fired_ms \
+                 FROM schedule_states WHERE job_id = $1 AND group_key = $2",
+                vec![text(job.as_str()), text(group)],
+            ))
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(schedule_state).transpose()
     }
 
     async fn advance_schedule(
@@ -96,5 +112,60 @@ impl ScheduleStore for Store {
             .map_err(db_error)?
             .rows_affected();
         Ok(changed == 1)
+    }
+
+    async fn pause_job(&self, pause: &Pause) -> Result<(), StoreError> {
+        self.db
+            .execute_raw(self.statement(
+                "INSERT INTO job_pauses (job_id, tenant, note, paused_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (job_id) DO UPDATE SET note = excluded.note, tenant = excluded.tenant",
+                vec![
+                    text(pause.job.as_str()),
+                    text(pause.tenant.as_str()),
+                    text(&pause.note),
+                    Value::BigInt(Some(millis(pause.since))),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn resume_job(&self, job: &JobId) -> Result<bool, StoreError> {
+        let removed = self
+            .db
+            .execute_raw(self.statement(
+                "DELETE FROM job_pauses WHERE job_id = $1",
+                vec![text(job.as_str())],
+            ))
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        Ok(removed > 0)
+    }
+
+    async fn paused_jobs(&self) -> Result<Vec<Pause>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT job_id, tenant, note, paused_ms FROM job_pauses ORDER BY job_id",
+                vec![],
+            ))
+            .await
+            .map_err(db_error)?;
+        let corrupt =
+            |e: batch_domain::ids::Error| StoreError::Unexpected(format!("stored pause: {e}"));
+        rows.iter()
+            .map(|row| {
+                Ok(Pause {
+                    job: JobId::parse(row.try_get::<String>("", "job_id").map_err(db_error)?)
+                        .map_err(corrupt)?,
+                    tenant: TenantId::parse(row.try_get::<String>("", "tenant").map_err(db_error)?)
+                        .map_err(corrupt)?,
+                    note: row.try_get("", "note").map_err(db_error)?,
+                    since: instant(row.try_get("", "paused_ms").map_err(db_error)?)?,
+                })
+            })
+            .collect()
     }
 }

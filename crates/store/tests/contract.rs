@@ -64,6 +64,7 @@ fn new_run(id: &str, tenant_name: &str, created: DateTime<Utc>) -> NewRun {
         occurrence: None,
         parent: None,
         serial: false,
+        group: String::new(),
         created_at: created,
     }
 }
@@ -1043,7 +1044,7 @@ async fn serial_runs_wait_their_turn_and_cancels_reach_the_owner(backend: Backen
     );
     assert!(
         store
-            .claim_run(&runs[1], "w", lease(11), lease(100))
+            .claim_run(&runs[1], "w", lease(11), lease(100), None)
             .await
             .unwrap()
             .is_none()

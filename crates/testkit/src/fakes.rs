@@ -207,6 +207,7 @@ struct Runs {
     run_occurrences: HashMap<i64, RunId>,
     contexts: HashMap<RunId, (String, BatchContext)>,
     schedules: BTreeMap<(String, String), batch_ports::schedules::ScheduleState>,
+    pauses: BTreeMap<String, batch_ports::schedules::Pause>,
     references: Vec<(String, BatchReference)>,
 }
 
@@ -216,12 +217,23 @@ struct Runs {
 pub struct MemoryRuns {
     state: Mutex<Runs>,
     outcome_writes: AtomicUsize,
+    schedule_calls: AtomicUsize,
 }
 
 impl MemoryRuns {
     /// How many times outcomes were written (one per chunk when the processor behaves).
     pub fn outcome_writes(&self) -> usize {
         self.outcome_writes.load(Ordering::SeqCst)
+    }
+
+    /// Calls made so far to what a scheduler tick uses: schedule states, pauses, occurrences
+    /// and active runs.
+    pub fn schedule_calls(&self) -> usize {
+        self.schedule_calls.load(Ordering::SeqCst)
+    }
+
+    fn count_schedule_call(&self) {
+        self.schedule_calls.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Every item of `run`, in order.
@@ -259,6 +271,7 @@ fn claimable(state: &Runs, run: &RunRecord, now: DateTime<Utc>) -> bool {
     }
     !state.runs.values().any(|other| {
         other.job == run.job
+            && other.group == run.group
             && other.id != run.id
             && (other.status == RunStatus::Running
                 || (other.status == RunStatus::Queued
@@ -300,6 +313,7 @@ impl RunStore for MemoryRuns {
         nominal: DateTime<Utc>,
         group: &str,
     ) -> Result<Occurrence, StoreError> {
+        self.count_schedule_call();
         let mut state = lock(&self.state);
         let key = (
             job.to_string(),
@@ -317,6 +331,7 @@ impl RunStore for MemoryRuns {
     }
 
     async fn run_for_occurrence(&self, occurrence: i64) -> Result<Option<RunId>, StoreError> {
+        self.count_schedule_call();
         Ok(lock(&self.state).run_occurrences.get(&occurrence).cloned())
     }
 
@@ -373,6 +388,7 @@ impl RunStore for MemoryRuns {
                 priority: run.priority,
                 scheduled_for: run.scheduled_for,
                 parent: run.parent,
+                group: run.group,
                 created_at: run.created_at,
                 started_at: None,
                 finished_at: None,
@@ -420,13 +436,70 @@ impl RunStore for MemoryRuns {
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
+        max_running: Option<usize>,
     ) -> Result<Option<RunRecord>, StoreError> {
         let mut state = lock(&self.state);
+        let busy = state
+            .runs
+            .values()
+            .filter(|r| {
+                &r.id != run
+                    && r.status == RunStatus::Running
+                    && r.lease.as_ref().is_some_and(|l| l.is_live(now))
+            })
+            .count();
         let ready = state
             .runs
             .get(run)
-            .is_some_and(|r| claimable(&state, r, now));
+            .is_some_and(|r| claimable(&state, r, now))
+            && max_running.is_none_or(|max| busy < max);
         Ok(ready.then(|| take(&mut state, run, owner, now, lease_until)))
+    }
+
+    async fn claimable_runs(
+        &self,
+        now: DateTime<Utc>,
+        aging: batch_domain::priority::Aging,
+        per_tenant: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let state = lock(&self.state);
+        let mut by_tenant: BTreeMap<TenantId, Vec<RunRecord>> = BTreeMap::new();
+        for run in state.runs.values().filter(|r| claimable(&state, r, now)) {
+            by_tenant
+                .entry(run.tenant.clone())
+                .or_default()
+                .push(run.clone());
+        }
+        let mut out = Vec::new();
+        for (_, mut runs) in by_tenant {
+            runs.sort_by_key(|r| {
+                (
+                    std::cmp::Reverse(batch_domain::priority::effective_priority(
+                        r.priority,
+                        now - r.created_at,
+                        aging,
+                    )),
+                    r.created_at,
+                    r.id.clone(),
+                )
+            });
+            out.extend(runs.into_iter().take(per_tenant));
+        }
+        Ok(out)
+    }
+
+    async fn running_by_tenant(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(TenantId, usize)>, StoreError> {
+        let state = lock(&self.state);
+        let mut counts: BTreeMap<TenantId, usize> = BTreeMap::new();
+        for run in state.runs.values().filter(|r| {
+            r.status == RunStatus::Running && r.lease.as_ref().is_some_and(|l| l.is_live(now))
+        }) {
+            *counts.entry(run.tenant.clone()).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
     }
 
     async fn renew_lease(
@@ -445,7 +518,17 @@ impl RunStore for MemoryRuns {
                     owner: owner.to_owned(),
                     expires_at: until,
                 });
-                Ok(r.cancel_requested)
+                let cancel_requested = r.cancel_requested;
+                for (item, lease) in state.items.get_mut(run).into_iter().flatten() {
+                    if let Some(lease) = lease
+                        && item.status == ItemStatus::Pending
+                        && lease.owner == owner
+                        && lease.expires_at < until
+                    {
+                        lease.expires_at = until;
+                    }
+                }
+                Ok(cancel_requested)
             }
             _ => Err(lost(owner, run)),
         }
@@ -461,6 +544,7 @@ impl RunStore for MemoryRuns {
     }
 
     async fn active_runs(&self, job: &JobId) -> Result<Vec<RunRecord>, StoreError> {
+        self.count_schedule_call();
         let state = lock(&self.state);
         let mut runs: Vec<RunRecord> = state
             .runs
@@ -984,7 +1068,20 @@ impl batch_ports::schedules::ScheduleStore for MemoryRuns {
     async fn schedule_states(
         &self,
     ) -> Result<Vec<batch_ports::schedules::ScheduleState>, StoreError> {
+        self.count_schedule_call();
         Ok(lock(&self.state).schedules.values().cloned().collect())
+    }
+
+    async fn schedule_state(
+        &self,
+        job: &JobId,
+        group: &str,
+    ) -> Result<Option<batch_ports::schedules::ScheduleState>, StoreError> {
+        self.count_schedule_call();
+        Ok(lock(&self.state)
+            .schedules
+            .get(&(job.to_string(), group.to_owned()))
+            .cloned())
     }
 
     async fn advance_schedule(
@@ -993,6 +1090,7 @@ impl batch_ports::schedules::ScheduleStore for MemoryRuns {
         state: &batch_ports::schedules::ScheduleState,
         _now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
+        self.count_schedule_call();
         let mut all = lock(&self.state);
         let key = (state.job.to_string(), state.group.clone());
         let current = all.schedules.get(&key).map(|s| s.next_nominal);
@@ -1005,5 +1103,30 @@ impl batch_ports::schedules::ScheduleStore for MemoryRuns {
             all.schedules.insert(key, state.clone());
         }
         Ok(matches)
+    }
+
+    async fn pause_job(&self, pause: &batch_ports::schedules::Pause) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        let since = state
+            .pauses
+            .get(pause.job.as_str())
+            .map_or(pause.since, |p| p.since);
+        state.pauses.insert(
+            pause.job.to_string(),
+            batch_ports::schedules::Pause {
+                since,
+                ..pause.clone()
+            },
+        );
+        Ok(())
+    }
+
+    async fn resume_job(&self, job: &JobId) -> Result<bool, StoreError> {
+        Ok(lock(&self.state).pauses.remove(job.as_str()).is_some())
+    }
+
+    async fn paused_jobs(&self) -> Result<Vec<batch_ports::schedules::Pause>, StoreError> {
+        self.count_schedule_call();
+        Ok(lock(&self.state).pauses.values().cloned().collect())
     }
 }

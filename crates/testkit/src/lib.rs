@@ -139,42 +139,98 @@ impl Drop for TestDatabase {
     }
 }
 
-/// A clock that only moves when told to: tests drive time step by step.
+/// A virtual clock: it moves when a test advances it, and when every sleeper waits. A sleep
+/// lets other tasks run first; if its deadline is then the earliest of all pending sleeps, it
+/// moves the clock to that deadline (like tokio's paused time, but on the `Clock` port). So
+/// a ten-minute request and a heartbeat every twenty seconds interleave as they would in real
+/// time, in no real time at all.
 #[derive(Debug)]
 pub struct ManualClock {
-    now: std::sync::Mutex<chrono::DateTime<chrono::Utc>>,
+    state: std::sync::Mutex<ClockState>,
 }
+
+#[derive(Debug)]
+struct ClockState {
+    now: chrono::DateTime<chrono::Utc>,
+    next_sleeper: u64,
+    sleepers: std::collections::BTreeSet<(chrono::DateTime<chrono::Utc>, u64)>,
+}
+
+/// Yields a sleeper grants other tasks before it may move the clock.
+const IDLE_YIELDS: usize = 32;
+
+/// Yields after which a sleeper that is not the earliest moves the clock anyway (the earliest
+/// one is stuck in a future nobody polls).
+const STUCK_YIELDS: usize = 100_000;
 
 impl ManualClock {
     /// A clock standing at `now`.
     pub fn new(now: chrono::DateTime<chrono::Utc>) -> Self {
         ManualClock {
-            now: std::sync::Mutex::new(now),
+            state: std::sync::Mutex::new(ClockState {
+                now,
+                next_sleeper: 0,
+                sleepers: std::collections::BTreeSet::new(),
+            }),
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: chrono::Duration) {
-        let mut now = self
-            .now
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *now += by;
+        self.state().now += by;
+    }
+}
+
+/// Removes a sleeper from the clock when its sleep ends or is dropped.
+struct Sleeper<'a> {
+    clock: &'a ManualClock,
+    key: (chrono::DateTime<chrono::Utc>, u64),
+}
+
+impl Drop for Sleeper<'_> {
+    fn drop(&mut self) {
+        self.clock.state().sleepers.remove(&self.key);
     }
 }
 
 #[async_trait::async_trait]
 impl batch_ports::Clock for ManualClock {
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        *self
-            .now
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state().now
     }
 
-    /// Moves the clock on by `duration` at once, then lets other tasks run.
+    /// Returns once the clock reaches `now + duration`, moving it there when this is the
+    /// earliest pending sleep and other tasks had their turn.
     async fn sleep(&self, duration: std::time::Duration) {
-        self.advance(chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX));
-        tokio::task::yield_now().await;
+        let key = {
+            let mut state = self.state();
+            let deadline =
+                state.now + chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
+            state.next_sleeper += 1;
+            let key = (deadline, state.next_sleeper);
+            state.sleepers.insert(key);
+            key
+        };
+        let _sleeper = Sleeper { clock: self, key };
+        let mut yields = 0;
+        loop {
+            tokio::task::yield_now().await;
+            yields += 1;
+            let mut state = self.state();
+            if state.now >= key.0 {
+                return;
+            }
+            let earliest = state.sleepers.first() == Some(&key);
+            if (yields >= IDLE_YIELDS && earliest) || yields >= STUCK_YIELDS {
+                state.now = key.0;
+                return;
+            }
+        }
     }
 }
