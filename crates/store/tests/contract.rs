@@ -12,12 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use batch_domain::config::{CategorySelection, Source};
 use batch_domain::context::{BatchContext, Progress};
 use batch_domain::preference::{Frequency, Preference, PreferenceDefaults, group_by_next_fire};
+use batch_domain::priority::Aging;
 use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
 use batch_domain::{FeatureType, TemplateId, TimeOfDay};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
 use batch_ports::runs::{ItemOutcome, NewItem, NewRun, Occurrence, RunStore, StoreError};
+use batch_ports::schedules::{Pause, ScheduleState, ScheduleStore};
 use batch_ports::{CategoryRepository, PreferenceSource, UserRepository};
 use batch_store::Store;
 use batch_testkit::{Backend, TestDatabase, Unavailable};
@@ -1089,6 +1091,267 @@ async fn serial_runs_wait_their_turn_and_cancels_reach_the_owner(backend: Backen
     );
 }
 
+async fn claimable_runs_age_and_are_capped_per_tenant(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    // acme: a fresh high run and a low one waiting 60 minutes; globex: five normal runs.
+    let mut high = new_run("acme-high", "acme", t0() + Duration::minutes(60));
+    high.priority = Priority::HIGH;
+    let mut low = new_run("acme-low", "acme", t0());
+    low.priority = Priority::LOW;
+    for run in [high, low] {
+        store.create_run(run, items(1)).await.unwrap();
+    }
+    for i in 0..5 {
+        store
+            .create_run(
+                new_run(
+                    &format!("globex-{i}"),
+                    "globex",
+                    t0() + Duration::minutes(i),
+                ),
+                items(1),
+            )
+            .await
+            .unwrap();
+    }
+    let now = t0() + Duration::minutes(60);
+    let order = |runs: Vec<batch_ports::runs::RunRecord>| -> Vec<String> {
+        runs.into_iter().map(|r| r.id.to_string()).collect()
+    };
+    let aging = Aging::default();
+    // Unaged, high (75) beats low (25).
+    let no_aging = Aging { cap: 0, ..aging };
+    assert_eq!(
+        order(store.claimable_runs(now, no_aging, 2).await.unwrap()),
+        ["acme-high", "acme-low", "globex-0", "globex-1"]
+    );
+    // Aged one point a minute, low (25 + 60) overtakes high (75 + 0); each tenant capped at 2.
+    assert_eq!(
+        order(store.claimable_runs(now, aging, 2).await.unwrap()),
+        ["acme-low", "acme-high", "globex-0", "globex-1"]
+    );
+    // A claimed run is no longer claimable, and counts as running for its tenant.
+    let lease_until = now + Duration::minutes(1);
+    assert!(
+        store
+            .claim_run(
+                &RunId::parse("globex-0").unwrap(),
+                "w",
+                now,
+                lease_until,
+                None
+            )
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        order(store.claimable_runs(now, aging, 1).await.unwrap()),
+        ["acme-low", "globex-1"]
+    );
+    assert_eq!(
+        store.running_by_tenant(now).await.unwrap(),
+        [(tenant("globex"), 1)]
+    );
+    assert!(
+        store
+            .running_by_tenant(lease_until)
+            .await
+            .unwrap()
+            .is_empty(),
+        "expired leases do not count"
+    );
+}
+
+async fn the_global_limit_holds_across_concurrent_claimers(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let run = new_run(&format!("r{i:02}"), "acme", t0() + Duration::seconds(i));
+        ids.push(run.id.clone());
+        store.create_run(run, items(1)).await.unwrap();
+    }
+    let now = t0() + Duration::minutes(1);
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let store = store.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .claim_run(
+                    &id,
+                    &format!("w{n}"),
+                    now,
+                    now + Duration::minutes(5),
+                    Some(3),
+                )
+                .await
+                .unwrap()
+                .is_some()
+        }));
+    }
+    let mut claimed = 0;
+    for task in tasks {
+        claimed += usize::from(task.await.unwrap());
+    }
+    assert_eq!(claimed, 3, "twelve claimers, a limit of three");
+    // Once their leases expire, the slots are free again.
+    let later = now + Duration::minutes(6);
+    assert!(
+        store
+            .claim_run(
+                &ids[11],
+                "late",
+                later,
+                later + Duration::minutes(1),
+                Some(3)
+            )
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+async fn serial_runs_of_different_groups_run_side_by_side(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    for (id, group, offset) in [
+        ("a", "daily at 09:00 UTC", 0),
+        ("b", "daily at 10:00 UTC", 1),
+        ("c", "daily at 09:00 UTC", 2),
+    ] {
+        let mut run = new_run(id, "acme", t0() + Duration::seconds(offset));
+        run.serial = true;
+        run.group = group.to_owned();
+        store.create_run(run, items(1)).await.unwrap();
+    }
+    let now = t0() + Duration::seconds(10);
+    let claimed: Vec<String> = store
+        .claim_runs("w", now, now + Duration::seconds(60), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| format!("{}:{}", r.id, r.group))
+        .collect();
+    assert_eq!(
+        claimed,
+        ["a:daily at 09:00 UTC", "b:daily at 10:00 UTC"],
+        "c waits behind a of its own group only"
+    );
+}
+
+async fn a_heartbeat_keeps_the_chunk_items_leased(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    seed_run(&store, 3).await;
+    let run = RunId::parse("r1").unwrap();
+    store
+        .claim_run(&run, "a", t0(), t0() + Duration::seconds(30), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let chunk = store
+        .claim_items(&run, "a", t0(), t0() + Duration::seconds(40), 2)
+        .await
+        .unwrap();
+    assert_eq!(chunk.len(), 2);
+    // Heartbeats long past the items' first lease.
+    for step in 1..=10 {
+        let now = t0() + Duration::seconds(step * 20);
+        store
+            .renew_lease(&run, "a", now + Duration::seconds(30))
+            .await
+            .unwrap();
+        let stolen = store
+            .claim_items(
+                &run,
+                "b",
+                now + Duration::seconds(1),
+                now + Duration::seconds(60),
+                3,
+            )
+            .await
+            .unwrap();
+        assert!(
+            stolen.iter().all(|i| i.key == "item-000002"),
+            "only the unclaimed item is free at step {step}"
+        );
+        if !stolen.is_empty() {
+            store
+                .record_outcomes(
+                    &run,
+                    "b",
+                    &[ItemOutcome {
+                        key: "item-000002".to_owned(),
+                        status: ItemStatus::Succeeded,
+                        attempts: 1,
+                        next_attempt_at: None,
+                        error: None,
+                        result: Some(json!({})),
+                        request_context: None,
+                    }],
+                    now,
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn pauses_are_shared_and_schedule_states_are_read_one_by_one(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let job = JobId::parse("digest").unwrap();
+    let pause = Pause {
+        job: job.clone(),
+        tenant: tenant("acme"),
+        note: "migrating templates".to_owned(),
+        since: t0(),
+    };
+    store.pause_job(&pause).await.unwrap();
+    store
+        .pause_job(&Pause {
+            note: "still migrating".to_owned(),
+            since: t0() + Duration::hours(1),
+            ..pause.clone()
+        })
+        .await
+        .unwrap();
+    let paused = store.paused_jobs().await.unwrap();
+    assert_eq!(paused.len(), 1);
+    assert_eq!(paused[0].note, "still migrating");
+    assert_eq!(
+        paused[0].since,
+        t0(),
+        "a second pause keeps the first start"
+    );
+    assert!(store.resume_job(&job).await.unwrap());
+    assert!(!store.resume_job(&job).await.unwrap());
+    assert!(store.paused_jobs().await.unwrap().is_empty());
+
+    let state = ScheduleState {
+        job: job.clone(),
+        group: "daily at 09:00 Europe/Berlin".to_owned(),
+        tenant: tenant("acme"),
+        next_nominal: Some(t0()),
+        last_fired: None,
+    };
+    assert!(store.advance_schedule(None, &state, t0()).await.unwrap());
+    assert_eq!(
+        store.schedule_state(&job, &state.group).await.unwrap(),
+        Some(state.clone())
+    );
+    assert_eq!(store.schedule_state(&job, "").await.unwrap(), None);
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -1129,6 +1392,11 @@ contract_suite!(
     category_items_are_filtered_limited_and_paged,
     preferences_are_paged_and_changes_follow_a_watermark,
     serial_runs_wait_their_turn_and_cancels_reach_the_owner,
+    claimable_runs_age_and_are_capped_per_tenant,
+    the_global_limit_holds_across_concurrent_claimers,
+    serial_runs_of_different_groups_run_side_by_side,
+    a_heartbeat_keeps_the_chunk_items_leased,
+    pauses_are_shared_and_schedule_states_are_read_one_by_one,
 );
 
 #[tokio::test]
