@@ -1,6 +1,7 @@
-//! Preference groups and paused jobs: each run remembers the schedule group it fired for (so
+//! Preference groups, paused jobs and fair claims: each run remembers the schedule group it fired for (so
 //! overlap and serial claims hold per group), and `job_pauses` holds the jobs whose schedules
-//! are paused, with the note given, so every replica sees a pause.
+//! are paused, with the note given, so every replica sees a pause; indexes serve the global
+//! run limit and tenant loads.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
@@ -15,6 +16,7 @@ enum Runs {
     GroupKey,
     Status,
     LeaseExpiresMs,
+    StartedMs,
 }
 
 #[derive(DeriveIden)]
@@ -60,6 +62,16 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
+        // Tenant loads count the runs started recently.
+        manager
+            .create_index(
+                Index::create()
+                    .name("runs_started")
+                    .table(Runs::Table)
+                    .col(Runs::StartedMs)
+                    .to_owned(),
+            )
+            .await?;
         manager
             .create_table(
                 Table::create()
@@ -76,6 +88,14 @@ impl MigrationTrait for Migration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .drop_table(Table::drop().table(JobPauses::Table).to_owned())
+            .await?;
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("runs_started")
+                    .table(Runs::Table)
+                    .to_owned(),
+            )
             .await?;
         manager
             .drop_index(

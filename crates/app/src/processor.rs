@@ -54,6 +54,8 @@ pub struct ProcessorSettings {
     /// The most runs that may run at once across every replica sharing the database; `None`
     /// for no limit.
     pub max_running_runs: Option<usize>,
+    /// Tenants share run slots by their load: runs running now or started within this window.
+    pub fairness_window: Duration,
 }
 
 impl Default for ProcessorSettings {
@@ -70,6 +72,7 @@ impl Default for ProcessorSettings {
             cancel_grace: Duration::from_secs(10),
             aging: Aging::default(),
             max_running_runs: None,
+            fairness_window: Duration::from_secs(300),
         }
     }
 }
@@ -256,7 +259,8 @@ impl BatchProcessor {
     /// expired: a crashed processor's runs are resumed here). `None` when there is none, or
     /// when [`ProcessorSettings::max_running_runs`] runs are running already. When more runs
     /// wait than can run, the highest effective priority (base + aging) goes first and, within
-    /// one priority band, tenants take turns ([`fair_order`]). Runs of jobs not in `jobs`
+    /// one priority band, the tenant with the least load (runs running or started within
+    /// [`ProcessorSettings::fairness_window`]) goes first ([`fair_order`]). Runs of jobs not in `jobs`
     /// (removed from the configuration) are left alone.
     ///
     /// # Errors
@@ -267,18 +271,17 @@ impl BatchProcessor {
     ) -> Result<Option<Execution<'_>>, Error> {
         let now = self.ports.clock.now();
         let aging = self.settings.aging;
-        let running: HashMap<_, _> = self
+        let loads = self
             .ports
             .runs
-            .running_by_tenant(now)
-            .await?
-            .into_iter()
-            .collect();
+            .tenant_loads(now, now - chrono_duration(self.settings.fairness_window))
+            .await?;
         if let Some(max) = self.settings.max_running_runs
-            && running.values().sum::<usize>() >= max
+            && loads.iter().map(|l| l.running).sum::<usize>() >= max
         {
             return Ok(None);
         }
+        let load: HashMap<_, _> = loads.into_iter().map(|l| (l.tenant, l.load)).collect();
         let candidates: Vec<RunRecord> = self
             .ports
             .runs
@@ -297,7 +300,7 @@ impl BatchProcessor {
             })
             .collect();
         let lease_until = now + chrono_duration(self.settings.run_lease);
-        for index in fair_order(&waiting, &running, now, aging) {
+        for index in fair_order(&waiting, &load, now, aging) {
             let candidate = &candidates[index];
             // Another replica may have taken it meanwhile: then try the next.
             if let Some(record) = self

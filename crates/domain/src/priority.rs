@@ -173,13 +173,14 @@ pub struct Waiting {
 
 /// The order in which to give slots to `waiting` at `now`, as indices into it. The next slot
 /// goes to the work with the highest effective priority band ([`BAND_WIDTH`] points of
-/// base + aging); within that band, to the tenant with the fewest runs — those in `running`
-/// plus those ordered before — and within that tenant, by [`QueueKey`]. So a tenant with ten
+/// base + aging); within that band, to the tenant with the least load — its count in `load`
+/// (runs running or started recently) plus the work ordered before — and within that tenant,
+/// by [`QueueKey`]. So a tenant with ten
 /// times the due work of another gets no more slots than it while both have work, and aging
 /// lifts starved low-priority work into higher bands.
 pub fn fair_order(
     waiting: &[Waiting],
-    running: &HashMap<TenantId, usize>,
+    load: &HashMap<TenantId, usize>,
     now: DateTime<Utc>,
     aging: Aging,
 ) -> Vec<usize> {
@@ -195,7 +196,7 @@ pub fn fair_order(
         .into_iter()
         .map(|(tenant, mut queue)| {
             queue.sort_by(|a, b| b.cmp(a));
-            (tenant, running.get(tenant).copied().unwrap_or(0), queue)
+            (tenant, load.get(tenant).copied().unwrap_or(0), queue)
         })
         .collect();
     queues.sort_by(|a, b| a.0.cmp(b.0));

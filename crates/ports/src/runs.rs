@@ -152,6 +152,17 @@ pub struct ItemOutcome {
     pub request_context: Option<Value>,
 }
 
+/// How busy one tenant is, for the global limit and fair sharing of run slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantLoad {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Runs holding a live lease.
+    pub running: usize,
+    /// Runs running or started recently: what fair sharing counts.
+    pub load: usize,
+}
+
 /// Whether an occurrence was created by this call or existed already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Occurrence {
@@ -237,14 +248,16 @@ pub trait RunStore: Send + Sync {
         per_tenant: usize,
     ) -> Result<Vec<RunRecord>, StoreError>;
 
-    /// How many runs hold a live lease at `now`, per tenant (tenants with none are left out).
+    /// Per tenant with any: how many runs hold a live lease at `now`, and the tenant's load
+    /// for fair sharing — runs that are running or started at or after `since`.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached.
-    async fn running_by_tenant(
+    async fn tenant_loads(
         &self,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(TenantId, usize)>, StoreError>;
+        since: DateTime<Utc>,
+    ) -> Result<Vec<TenantLoad>, StoreError>;
 
     /// Extends `owner`'s lease on `run` to `until`, and the leases of the items of `run` it
     /// holds to at least `until` (a heartbeat during a long chunk keeps both alive); returns

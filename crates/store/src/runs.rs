@@ -6,6 +6,7 @@ use batch_domain::run::{ItemCounts, ItemStatus, RunId, RunStatus};
 use batch_domain::{JobId, TenantId};
 use batch_ports::runs::{
     ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunRecord, RunStore, StoreError,
+    TenantLoad,
 };
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait, Value};
@@ -319,28 +320,32 @@ impl RunStore for Store {
         rows.iter().map(run_record).collect()
     }
 
-    async fn running_by_tenant(
+    async fn tenant_loads(
         &self,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(TenantId, usize)>, StoreError> {
+        since: DateTime<Utc>,
+    ) -> Result<Vec<TenantLoad>, StoreError> {
+        let live = "(status = 'running' AND lease_expires_ms > $1)";
+        let sql = format!(
+            "SELECT tenant, SUM(CASE WHEN {live} THEN 1 ELSE 0 END) AS running, COUNT(*) AS load \
+             FROM runs WHERE {live} OR started_ms >= $2 GROUP BY tenant ORDER BY tenant"
+        );
         let rows = self
             .db
-            .query_all_raw(self.statement(
-                "SELECT tenant, COUNT(*) AS running FROM runs \
-                 WHERE status = 'running' AND lease_expires_ms > $1 GROUP BY tenant ORDER BY tenant",
-                vec![big(millis(now))],
-            ))
+            .query_all_raw(self.statement(&sql, vec![big(millis(now)), big(millis(since))]))
             .await
             .map_err(db_error)?;
         rows.iter()
             .map(|row| {
                 let tenant: String = row.try_get("", "tenant").map_err(db_error)?;
                 let running: i64 = row.try_get("", "running").map_err(db_error)?;
-                Ok((
-                    TenantId::parse(tenant)
+                let load: i64 = row.try_get("", "load").map_err(db_error)?;
+                Ok(TenantLoad {
+                    tenant: TenantId::parse(tenant)
                         .map_err(|e| StoreError::Unexpected(format!("stored tenant: {e}")))?,
-                    usize::try_from(running).unwrap_or(0),
-                ))
+                    running: usize::try_from(running).unwrap_or(0),
+                    load: usize::try_from(load).unwrap_or(0),
+                })
             })
             .collect()
     }

@@ -1151,17 +1151,25 @@ async fn claimable_runs_age_and_are_capped_per_tenant(backend: Backend) {
         order(store.claimable_runs(now, aging, 1).await.unwrap()),
         ["acme-low", "globex-1"]
     );
+    let load = |running, load| {
+        vec![batch_ports::runs::TenantLoad {
+            tenant: tenant("globex"),
+            running,
+            load,
+        }]
+    };
+    assert_eq!(store.tenant_loads(now, now).await.unwrap(), load(1, 1));
     assert_eq!(
-        store.running_by_tenant(now).await.unwrap(),
-        [(tenant("globex"), 1)]
+        store.tenant_loads(lease_until, now).await.unwrap(),
+        load(0, 1),
+        "an expired lease is not running, but its run started recently"
     );
     assert!(
         store
-            .running_by_tenant(lease_until)
+            .tenant_loads(lease_until, lease_until)
             .await
             .unwrap()
-            .is_empty(),
-        "expired leases do not count"
+            .is_empty()
     );
 }
 

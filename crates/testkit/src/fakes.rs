@@ -488,18 +488,31 @@ impl RunStore for MemoryRuns {
         Ok(out)
     }
 
-    async fn running_by_tenant(
+    async fn tenant_loads(
         &self,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(TenantId, usize)>, StoreError> {
+        since: DateTime<Utc>,
+    ) -> Result<Vec<batch_ports::runs::TenantLoad>, StoreError> {
         let state = lock(&self.state);
-        let mut counts: BTreeMap<TenantId, usize> = BTreeMap::new();
-        for run in state.runs.values().filter(|r| {
-            r.status == RunStatus::Running && r.lease.as_ref().is_some_and(|l| l.is_live(now))
-        }) {
-            *counts.entry(run.tenant.clone()).or_default() += 1;
+        let mut loads: BTreeMap<TenantId, (usize, usize)> = BTreeMap::new();
+        for run in state.runs.values() {
+            let live = run.status == RunStatus::Running
+                && run.lease.as_ref().is_some_and(|l| l.is_live(now));
+            let recent = run.started_at.is_some_and(|at| at >= since);
+            if live || recent {
+                let entry = loads.entry(run.tenant.clone()).or_default();
+                entry.0 += usize::from(live);
+                entry.1 += 1;
+            }
         }
-        Ok(counts.into_iter().collect())
+        Ok(loads
+            .into_iter()
+            .map(|(tenant, (running, load))| batch_ports::runs::TenantLoad {
+                tenant,
+                running,
+                load,
+            })
+            .collect())
     }
 
     async fn renew_lease(
