@@ -13,7 +13,7 @@ use batch_domain::config::{Job, parse_job};
 use batch_domain::preference::{Frequency, Preference};
 use batch_domain::run::{ItemStatus, RunStatus, Trigger};
 use batch_domain::{FeatureType, TemplateId, TenantId, UserId};
-use batch_ports::CategoryItem;
+use batch_ports::{CategoryItem, Clock};
 use batch_ports::contexts::ContextStore;
 use batch_ports::runs::{ItemRecord, RunStore};
 use batch_testkit::ManualClock;
@@ -724,4 +724,271 @@ async fn a_scope_restricts_the_run_to_its_users() {
         .map(|i| i.key)
         .collect();
     assert_eq!(keys, ["u0001"]);
+}
+
+fn settings(owner: &str) -> ProcessorSettings {
+    ProcessorSettings {
+        owner: owner.to_owned(),
+        seed: Some(7),
+        ..ProcessorSettings::default()
+    }
+}
+
+impl World {
+    fn processor_with(&self, settings: ProcessorSettings) -> Arc<BatchProcessor> {
+        Arc::new(BatchProcessor::new(
+            self.ports.clone(),
+            Strategies::default(),
+            settings,
+        ))
+    }
+}
+
+/// A one-item job of `tenant` whose runs may overlap.
+fn small(id: &str, tenant: &str, priority: &str) -> Job {
+    job(json!({
+        "id": id, "tenant": tenant, "priority": priority, "overlap": "allow_all",
+        "source": {"users": {"ids": ["u0000"]}},
+    }))
+}
+
+fn jobs_map(jobs: &[&Job]) -> std::collections::HashMap<batch_domain::JobId, Job> {
+    jobs.iter().map(|j| (j.id.clone(), (*j).clone())).collect()
+}
+
+/// Under constant overload by high-priority runs (two new a minute, one slot), a low-priority
+/// run waits until aging lifts it to the oldest waiting high run: about twice the priority gap
+/// in minutes. Without aging it would wait forever.
+async fn minutes_until_low_runs(aging: batch_domain::priority::Aging, horizon: i64) -> Option<i64> {
+    let world = World::new(Behaviour::default());
+    world.with_users(1);
+    let high = small("high", "acme", "high");
+    let low = small("low", "acme", "low");
+    let jobs = jobs_map(&[&high, &low]);
+    let processor = world.processor_with(ProcessorSettings {
+        aging,
+        max_running_runs: Some(1),
+        ..settings("p1")
+    });
+    let low_run = start_manual(&processor, &low).await;
+    for minute in 0..horizon {
+        start_manual(&processor, &high).await;
+        start_manual(&processor, &high).await;
+        let mut execution = processor.claim_next(&jobs).await.unwrap().unwrap();
+        let claimed = execution.run().id.clone();
+        execution.run_to_completion().await.unwrap();
+        if claimed == low_run.id {
+            return Some(minute);
+        }
+        world.clock.advance(Duration::minutes(1));
+    }
+    None
+}
+
+#[tokio::test]
+async fn aging_lets_a_low_run_through_constant_high_priority_load_within_a_bound() {
+    let gap = i64::from(batch_domain::Priority::HIGH.value() - batch_domain::Priority::LOW.value());
+    let waited = minutes_until_low_runs(batch_domain::priority::Aging::default(), 300)
+        .await
+        .expect("the low run ran");
+    assert!(
+        waited <= 2 * gap + 10,
+        "the low run waited {waited} minutes; the bound is about {}",
+        2 * gap
+    );
+    let no_aging = batch_domain::priority::Aging {
+        cap: 0,
+        ..batch_domain::priority::Aging::default()
+    };
+    assert_eq!(
+        minutes_until_low_runs(no_aging, 300).await,
+        None,
+        "without aging the low run starves"
+    );
+}
+
+#[tokio::test]
+async fn two_tenants_with_ten_to_one_due_work_both_progress() {
+    let world = World::new(Behaviour::default());
+    world.with_users(1);
+    world.users.insert("globex", ["u0000"]);
+    let big = small("big", "acme", "normal");
+    let little = small("little", "globex", "normal");
+    let jobs = jobs_map(&[&big, &little]);
+    let processor = world.processor_with(ProcessorSettings {
+        max_running_runs: Some(1),
+        ..settings("p1")
+    });
+    // acme's hundred runs are all older than globex's ten.
+    for _ in 0..100 {
+        start_manual(&processor, &big).await;
+    }
+    world.clock.advance(Duration::seconds(1));
+    for _ in 0..10 {
+        start_manual(&processor, &little).await;
+    }
+    let mut order = String::new();
+    while let Some(mut execution) = processor.claim_next(&jobs).await.unwrap() {
+        order.push(if execution.run().tenant.as_str() == "acme" {
+            'a'
+        } else {
+            'g'
+        });
+        execution.run_to_completion().await.unwrap();
+        world.clock.advance(Duration::seconds(1));
+    }
+    assert_eq!(order.len(), 110);
+    assert_eq!(
+        &order[..20],
+        "agagagagagagagagagag",
+        "the tenants take turns"
+    );
+    assert!(order[20..].chars().all(|t| t == 'a'));
+}
+
+#[tokio::test]
+async fn the_global_limit_caps_concurrent_runs_and_unknown_jobs_are_left_alone() {
+    let world = World::new(Behaviour::default());
+    world.with_users(1);
+    let a = small("a", "acme", "normal");
+    let gone = small("gone", "acme", "critical");
+    let processor = world.processor_with(ProcessorSettings {
+        max_running_runs: Some(2),
+        ..settings("p1")
+    });
+    for _ in 0..3 {
+        start_manual(&processor, &a).await;
+    }
+    start_manual(&processor, &gone).await;
+    let jobs = jobs_map(&[&a]);
+    let first = processor.claim_next(&jobs).await.unwrap().unwrap();
+    let second = processor.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(
+        first.run().job.as_str(),
+        "a",
+        "the critical run of an unknown job is skipped"
+    );
+    assert!(
+        processor.claim_next(&jobs).await.unwrap().is_none(),
+        "two runs are running: the limit"
+    );
+    let other = world.processor_with(ProcessorSettings {
+        max_running_runs: Some(2),
+        ..settings("p2")
+    });
+    assert!(
+        other.claim_next(&jobs).await.unwrap().is_none(),
+        "the limit holds for every processor on the store"
+    );
+    let mut first = first;
+    first.run_to_completion().await.unwrap();
+    assert!(other.claim_next(&jobs).await.unwrap().is_some());
+    drop(second);
+}
+
+#[tokio::test]
+async fn a_run_whose_owner_keeps_renewing_is_never_rescued_however_long_it_runs() {
+    let delays = [("u0000".to_owned(), std::time::Duration::from_secs(3_600))]
+        .into_iter()
+        .collect();
+    let world = World::new(Behaviour {
+        delays,
+        ..Behaviour::default()
+    });
+    world.with_users(1);
+    let job = small("slow", "acme", "normal");
+    let jobs = jobs_map(&[&job]);
+    let owner = world.processor_with(settings("p1"));
+    let rescuer = world.processor_with(settings("p2"));
+    let run = start_manual(&owner, &job).await;
+    let mut execution = owner.claim_next(&jobs).await.unwrap().unwrap();
+    let started = world.clock.now();
+    let rescue_attempts = async {
+        let mut attempts = 0;
+        // Try to take the run over every 45 s of the hour the request takes (the lease is 60 s).
+        while world.clock.now() < started + Duration::minutes(59) {
+            world.clock.sleep(std::time::Duration::from_secs(45)).await;
+            assert!(
+                rescuer.claim_next(&jobs).await.unwrap().is_none(),
+                "a healthy run was rescued after {}",
+                world.clock.now() - started
+            );
+            attempts += 1;
+        }
+        attempts
+    };
+    let (status, attempts) = tokio::join!(execution.run_to_completion(), rescue_attempts);
+    assert_eq!(status.unwrap(), RunStatus::Succeeded);
+    assert!(attempts >= 70, "{attempts} rescue attempts");
+    assert!(world.clock.now() - started >= Duration::hours(1));
+    assert_eq!(world.executor.calls().len(), 1, "the item ran once");
+    assert_eq!(
+        world.runs.run(&job.tenant, &run.id).await.unwrap().status,
+        RunStatus::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn a_run_whose_owner_stops_renewing_is_rescued_after_its_lease_expires() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({"overlap": "allow_all"}));
+    let jobs = jobs_map(&[&job]);
+    let owner = world.processor_with(settings("p1"));
+    let rescuer = world.processor_with(settings("p2"));
+    start_manual(&owner, &job).await;
+    // The owner claims the run and then goes silent (a crash, a partition).
+    let silent = owner.claim_next(&jobs).await.unwrap().unwrap();
+    world.clock.advance(Duration::seconds(59));
+    assert!(rescuer.claim_next(&jobs).await.unwrap().is_none());
+    world.clock.advance(Duration::seconds(2));
+    let mut rescued = rescuer.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(rescued.run().id, silent.run().id);
+    assert_eq!(
+        rescued.run_to_completion().await.unwrap(),
+        RunStatus::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_chunk_and_releases_the_lease_at_once() {
+    let world = World::new(Behaviour::default());
+    world.with_users(6);
+    let job = many(
+        6,
+        json!({"overlap": "allow_all", "execution": {"concurrency": 1, "chunk_size": 2}}),
+    );
+    let jobs = Arc::new(jobs_map(&[&job]));
+    let owner = world.processor_with(settings("p1"));
+    let run = start_manual(&owner, &job).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut progress = owner.subscribe(&run.id);
+    let worker = tokio::spawn(owner.clone().work_until_stopped(
+        jobs.clone(),
+        2,
+        std::time::Duration::from_secs(1),
+        stopped,
+    ));
+    // Stop as soon as the first chunk is recorded.
+    progress.changed().await.unwrap();
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+    let done = world
+        .runs
+        .items_of(&run.id)
+        .iter()
+        .filter(|i| i.status == ItemStatus::Succeeded)
+        .count();
+    assert!(done >= 2 && done % 2 == 0, "whole chunks only: {done}");
+    let record = world.runs.run(&job.tenant, &run.id).await.unwrap();
+    assert_eq!(record.status, RunStatus::Running);
+    assert!(record.lease.is_none(), "the lease was released");
+    // Another replica resumes at once, without waiting for a lease to expire.
+    let rescuer = world.processor_with(settings("p2"));
+    let mut resumed = rescuer.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(
+        resumed.run_to_completion().await.unwrap(),
+        RunStatus::Succeeded
+    );
+    assert_eq!(world.executor.calls().len(), 6, "no item ran twice");
 }

@@ -961,6 +961,8 @@ pub struct Behaviour {
     pub panics: HashSet<String>,
     /// Item keys whose execution never answers.
     pub stalls: HashSet<String>,
+    /// Item keys whose execution takes this long on the executor's clock.
+    pub delays: HashMap<String, std::time::Duration>,
 }
 
 /// A request executor that records every call, the highest number in flight at once, and
@@ -1049,6 +1051,9 @@ impl RequestExecutor for FakeExecutor {
             .map_or(request.idempotency_key.as_str(), |(_, k)| k);
         if behaviour.stalls.contains(item) {
             std::future::pending::<()>().await;
+        }
+        if let Some(delay) = behaviour.delays.get(item) {
+            self.clock.sleep(*delay).await;
         }
         if behaviour.panics.contains(item) {
             panic!("the fake executor was told to panic on {item}");
