@@ -13,9 +13,9 @@ use batch_domain::config::{Job, parse_job};
 use batch_domain::preference::{Frequency, Preference};
 use batch_domain::run::{ItemStatus, RunStatus, Trigger};
 use batch_domain::{FeatureType, TemplateId, TenantId, UserId};
-use batch_ports::{CategoryItem, Clock};
 use batch_ports::contexts::ContextStore;
 use batch_ports::runs::{ItemRecord, RunStore};
+use batch_ports::{CategoryItem, Clock};
 use batch_testkit::ManualClock;
 use batch_testkit::fakes::{
     Behaviour, FakeCategories, FakeExecutor, FakePreferences, FakeTemplates, FakeUsers, MemoryRuns,

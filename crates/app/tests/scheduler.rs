@@ -8,10 +8,11 @@ use std::sync::Arc;
 use batch_app::Ports;
 use batch_app::processor::{BatchProcessor, ProcessorSettings};
 use batch_app::scheduler::{BatchScheduler, FireFilter};
-use batch_app::strategy::Strategies;
+use batch_app::strategy::{Scope, Strategies};
 use batch_domain::config::{Job, parse_job};
+use batch_domain::preference::{Frequency, Preference};
 use batch_domain::run::Trigger;
-use batch_domain::{JobId, TenantId};
+use batch_domain::{FeatureType, JobId, TenantId, TimeOfDay, UserId};
 use batch_ports::runs::{Occurrence, RunStore};
 use batch_testkit::ManualClock;
 use batch_testkit::fakes::{
@@ -36,6 +37,8 @@ fn job(id: &str, schedule: Value, misfire: Value) -> Job {
 
 struct World {
     runs: Arc<MemoryRuns>,
+    users: Arc<FakeUsers>,
+    preferences: Arc<FakePreferences>,
     processor: Arc<BatchProcessor>,
 }
 
@@ -46,12 +49,13 @@ fn world(start: DateTime<Utc>) -> World {
     let clock = Arc::new(ManualClock::new(start));
     let templates = Arc::new(FakeTemplates::default());
     templates.insert("digest", "x");
+    let preferences = Arc::new(FakePreferences::default());
     let ports = Ports {
         runs: runs.clone(),
         contexts: runs.clone(),
-        users,
+        users: users.clone(),
         categories: Arc::new(FakeCategories::default()),
-        preferences: Arc::new(FakePreferences::default()),
+        preferences: preferences.clone(),
         templates,
         executor: Arc::new(FakeExecutor::new(Behaviour::default(), clock.clone())),
         clock,
@@ -61,7 +65,12 @@ fn world(start: DateTime<Utc>) -> World {
         Strategies::default(),
         ProcessorSettings::default(),
     ));
-    World { runs, processor }
+    World {
+        runs,
+        users,
+        preferences,
+        processor,
+    }
 }
 
 impl World {
@@ -483,5 +492,447 @@ async fn cancel_other_never_cancels_the_run_of_its_own_fire() {
             .await
             .unwrap()
             .cancel_requested
+    );
+}
+
+/// A Dynamic job of acme: each user's briefing on their own schedule, daily 07:00 UTC by
+/// default.
+fn briefing(users: &[&str]) -> Job {
+    parse_job(json!({
+        "id": "briefing", "tenant": "acme", "type": "PREFERENCE_INDIVIDUAL_USERS",
+        "template": "digest", "source": {"users": {"ids": users}},
+        "feature_type": "briefing", "overlap": "buffer_all",
+        "default_preferences": {"schedule": {"frequency": "daily", "at": "07:00"}},
+    }))
+    .unwrap_or_else(|p| panic!("{p}"))
+}
+
+fn preference(user: &str, at: &str, zone: &str, enabled: bool) -> Preference {
+    Preference {
+        tenant: TenantId::parse("acme").unwrap(),
+        user: UserId::parse(user).unwrap(),
+        feature_type: FeatureType::parse("briefing").unwrap(),
+        frequency: Some(Frequency::Daily),
+        time_of_day: Some(TimeOfDay::parse(at).unwrap()),
+        time_zone: Some(zone.to_owned()),
+        weekday: None,
+        day_of_month: None,
+        template_override: None,
+        parameters: serde_json::Map::new(),
+        enabled,
+        version: 1,
+    }
+}
+
+/// Ticks every minute over `[from, to)`; returns (UTC time, sorted users) per fired run.
+async fn fires(
+    world: &World,
+    scheduler: &BatchScheduler,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut now = from;
+    while now < to {
+        for fired in scheduler.tick(now).await.unwrap().fired {
+            let run = fired.run.expect("this scheduler created the run");
+            let mut users: Vec<String> = world
+                .runs
+                .items_of(&run)
+                .into_iter()
+                .filter_map(|i| i.user.map(|u| u.to_string()))
+                .collect();
+            users.sort();
+            out.push((fired.nominal.format("%H:%M").to_string(), users));
+        }
+        now += Duration::minutes(1);
+    }
+    out
+}
+
+fn expect(list: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    list.iter()
+        .map(|(at, users)| {
+            (
+                (*at).to_owned(),
+                users.iter().map(|u| (*u).to_owned()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn moved_disabled_and_new_users_fire_at_their_new_times_only() {
+    let start = utc("2027-01-04T00:00:00Z");
+    let world = world(start);
+    world
+        .users
+        .insert("acme", ["alice", "bob", "carol", "dave"]);
+    let job = briefing(&["alice", "bob", "carol", "dave"]);
+    // Berlin is UTC+1 in January: 09:00 there is 08:00Z.
+    world
+        .preferences
+        .upsert(preference("alice", "09:00", "Europe/Berlin", true));
+    world
+        .preferences
+        .upsert(preference("bob", "09:00", "Europe/Berlin", true));
+    world
+        .preferences
+        .upsert(preference("carol", "10:00", "UTC", true));
+    let scheduler = world.scheduler(std::slice::from_ref(&job));
+    let day1 = fires(&world, &scheduler, start, start + Duration::days(1)).await;
+    assert_eq!(
+        day1,
+        expect(&[("08:00", &["alice", "bob"]), ("10:00", &["carol"])])
+    );
+    // Overnight: alice moves to 18:00 UTC, bob disables his, dave arrives at 09:00 Berlin.
+    world
+        .preferences
+        .upsert(preference("alice", "18:00", "UTC", true));
+    world
+        .preferences
+        .upsert(preference("bob", "09:00", "Europe/Berlin", false));
+    world
+        .preferences
+        .upsert(preference("dave", "09:00", "Europe/Berlin", true));
+    let day2 = fires(
+        &world,
+        &scheduler,
+        start + Duration::days(1),
+        start + Duration::days(2),
+    )
+    .await;
+    assert_eq!(
+        day2,
+        expect(&[
+            ("08:00", &["dave"]),
+            ("10:00", &["carol"]),
+            ("18:00", &["alice"])
+        ])
+    );
+    // A replica started now sees the same groups, and fires nothing twice.
+    let other = world.scheduler(std::slice::from_ref(&job));
+    let again = other
+        .tick(start + Duration::days(1) + Duration::hours(18))
+        .await
+        .unwrap();
+    assert!(again.fired.iter().all(|f| f.run.is_none()));
+}
+
+#[tokio::test]
+async fn a_group_emptied_by_its_last_user_stops_firing_and_status_follows_users() {
+    let start = utc("2027-01-04T00:00:00Z");
+    let world = world(start);
+    world.users.insert("acme", ["alice", "bob"]);
+    let job = briefing(&["alice", "bob"]);
+    world
+        .preferences
+        .upsert(preference("alice", "09:00", "UTC", true));
+    world
+        .preferences
+        .upsert(preference("bob", "12:00", "UTC", true));
+    let scheduler = world.scheduler(std::slice::from_ref(&job));
+    let all = scheduler
+        .next_fires(start, &FireFilter::default())
+        .await
+        .unwrap();
+    let groups: Vec<(&str, usize, &str)> = all
+        .iter()
+        .map(|n| {
+            (
+                n.group.as_str(),
+                n.users,
+                n.feature_type.as_ref().unwrap().as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("daily at 09:00 UTC", 1, "briefing"),
+            ("daily at 12:00 UTC", 1, "briefing")
+        ]
+    );
+    let of_bob = scheduler
+        .next_fires(
+            start,
+            &FireFilter {
+                user: Some(UserId::parse("bob").unwrap()),
+                ..FireFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(of_bob.len(), 1);
+    assert_eq!(of_bob[0].nominal, utc("2027-01-04T12:00:00Z"));
+    for (filter, expected) in [
+        (
+            FireFilter {
+                tenant: Some(TenantId::parse("globex").unwrap()),
+                ..FireFilter::default()
+            },
+            0,
+        ),
+        (
+            FireFilter {
+                feature_type: Some(FeatureType::parse("briefing").unwrap()),
+                ..FireFilter::default()
+            },
+            2,
+        ),
+        (
+            FireFilter {
+                job: Some(JobId::parse("briefing").unwrap()),
+                ..FireFilter::default()
+            },
+            2,
+        ),
+        (
+            FireFilter {
+                user: Some(UserId::parse("nobody").unwrap()),
+                ..FireFilter::default()
+            },
+            0,
+        ),
+    ] {
+        assert_eq!(
+            scheduler.next_fires(start, &filter).await.unwrap().len(),
+            expected,
+            "{filter:?}"
+        );
+    }
+    // Bob joins alice's time: his old group is gone.
+    world
+        .preferences
+        .upsert(preference("bob", "09:00", "UTC", true));
+    let report = scheduler.tick(start + Duration::hours(1)).await.unwrap();
+    assert_eq!(report.preference_changes, 1);
+    let all = scheduler
+        .next_fires(start, &FireFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].users, 2);
+    let day = fires(
+        &world,
+        &scheduler,
+        start + Duration::hours(1),
+        start + Duration::days(1),
+    )
+    .await;
+    assert_eq!(day, expect(&[("09:00", &["alice", "bob"])]));
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_idle_groups_cost_a_constant_number_of_store_calls_per_tick() {
+    let start = utc("2027-01-04T00:00:00Z");
+    let world = world(start);
+    let zones = [
+        "UTC",
+        "Europe/Berlin",
+        "America/New_York",
+        "Asia/Kolkata",
+        "Australia/Sydney",
+        "America/Sao_Paulo",
+        "Asia/Tokyo",
+        "Europe/London",
+        "Africa/Cairo",
+        "Pacific/Auckland",
+    ];
+    let mut count = 0;
+    'fill: for zone in zones {
+        for day in ["mon", "tue", "wed", "thu", "fri", "sat", "sun"] {
+            for minute in 0..24 * 60 {
+                if count == 100_000 {
+                    break 'fill;
+                }
+                world.preferences.upsert(Preference {
+                    frequency: Some(Frequency::Weekly),
+                    weekday: Some(batch_domain::time::parse_weekday(day).unwrap()),
+                    ..preference(
+                        &format!("user{count:06}"),
+                        &format!("{:02}:{:02}", minute / 60, minute % 60),
+                        zone,
+                        true,
+                    )
+                });
+                count += 1;
+            }
+        }
+    }
+    let job = briefing(&["user000000"]);
+    let scheduler = world.scheduler(std::slice::from_ref(&job));
+    // The first tick loads every group (and may fire those due this very minute).
+    scheduler.tick(start).await.unwrap();
+    let groups = scheduler
+        .next_fires(start, &FireFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(groups.len(), 100_000, "one group per distinct schedule");
+    // Between two fires nothing is due: each tick reads the pauses and the change feed, and
+    // touches no schedule.
+    let quiet = groups[0].fire_at - Duration::seconds(1);
+    let quiet = if quiet > start { quiet } else { start };
+    let before = (world.runs.schedule_calls(), world.preferences.calls());
+    for _ in 0..10 {
+        let report = scheduler.tick(quiet).await.unwrap();
+        assert!(report.fired.is_empty());
+    }
+    let after = (world.runs.schedule_calls(), world.preferences.calls());
+    assert_eq!(after.0 - before.0, 10, "one pause read per tick");
+    assert_eq!(after.1 - before.1, 10, "one change-feed read per tick");
+}
+
+#[tokio::test]
+async fn a_paused_job_does_not_fire_until_resumed_and_does_not_catch_up() {
+    let start = utc("2027-01-01T09:30:00Z");
+    let jobs = vec![job(
+        "hourly",
+        json!({"frequency": "hourly", "minute": 0}),
+        json!({"policy": "catch_up", "window_seconds": 86400}),
+    )];
+    let world = world(start);
+    let scheduler = world.scheduler(&jobs);
+    let id = JobId::parse("hourly").unwrap();
+    scheduler.tick(start).await.unwrap();
+    scheduler
+        .pause(&id, "template migration", start)
+        .await
+        .unwrap();
+    let mut paused = 0;
+    let mut now = start;
+    while now < utc("2027-01-01T12:30:00Z") {
+        let report = scheduler.tick(now).await.unwrap();
+        assert!(report.fired.is_empty(), "fired while paused at {now}");
+        paused += report.paused;
+        now += Duration::minutes(1);
+    }
+    assert_eq!(paused, 3, "10:00, 11:00 and 12:00 were paused");
+    let status = scheduler
+        .next_fires(now, &FireFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(status[0].paused.as_deref(), Some("template migration"));
+    assert!(scheduler.resume(&id).await.unwrap());
+    assert!(
+        !scheduler.resume(&id).await.unwrap(),
+        "resuming twice is harmless"
+    );
+    let report = scheduler.tick(utc("2027-01-01T13:00:00Z")).await.unwrap();
+    let fired: Vec<DateTime<Utc>> = report.fired.iter().map(|f| f.nominal).collect();
+    assert_eq!(
+        fired,
+        [utc("2027-01-01T13:00:00Z")],
+        "no catch-up of paused instants"
+    );
+    assert!(matches!(
+        scheduler
+            .pause(&JobId::parse("nope").unwrap(), "", now)
+            .await,
+        Err(batch_app::Error::Job(_))
+    ));
+}
+
+#[tokio::test]
+async fn trigger_now_applies_its_overrides() {
+    let start = utc("2027-01-01T09:30:00Z");
+    let jobs = vec![job(
+        "hourly",
+        json!({"frequency": "hourly", "minute": 0}),
+        json!({}),
+    )];
+    let world = world(start);
+    world.users.insert("acme", ["u2"]);
+    let scheduler = world.scheduler(&jobs);
+    let scope = Scope {
+        template: Some(batch_domain::TemplateId::parse("special").unwrap()),
+        parameters: json!({"tone": "formal"}).as_object().unwrap().clone(),
+        priority: Some(batch_domain::Priority::CRITICAL),
+        ..Scope::default()
+    };
+    let run = scheduler
+        .trigger(&JobId::parse("hourly").unwrap(), &scope)
+        .await
+        .unwrap();
+    assert_eq!(run.trigger, Trigger::Manual);
+    assert_eq!(run.priority, batch_domain::Priority::CRITICAL);
+    let items = world.runs.items_of(&run.id);
+    assert!(!items.is_empty());
+    for item in items {
+        assert_eq!(item.payload["template"], "special");
+        assert_eq!(item.payload["parameters"]["tone"], "formal");
+    }
+    assert!(matches!(
+        scheduler
+            .trigger(&JobId::parse("nope").unwrap(), &Scope::default())
+            .await,
+        Err(batch_app::Error::Job(_))
+    ));
+}
+
+#[tokio::test]
+async fn backfill_runs_each_past_instant_once() {
+    let start = utc("2027-01-01T12:30:00Z");
+    let jobs = vec![
+        job(
+            "hourly",
+            json!({"frequency": "hourly", "minute": 0}),
+            json!({}),
+        ),
+        job("every-second", json!({"cron": "* * * * * *"}), json!({})),
+    ];
+    let world = world(start);
+    let scheduler = world.scheduler(&jobs);
+    let id = JobId::parse("hourly").unwrap();
+    let first = scheduler
+        .backfill(
+            &id,
+            utc("2027-01-01T08:00:00Z"),
+            utc("2027-01-01T10:00:00Z"),
+            start,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.created.len(), 3, "08:00, 09:00 and 10:00");
+    assert_eq!(first.existed, 0);
+    let overlapping = scheduler
+        .backfill(
+            &id,
+            utc("2027-01-01T09:30:00Z"),
+            utc("2027-01-01T12:00:00Z"),
+            start,
+        )
+        .await
+        .unwrap();
+    assert_eq!(overlapping.created.len(), 2, "11:00 and 12:00");
+    assert_eq!(overlapping.existed, 1, "10:00 ran already");
+    for run in first.created.iter().chain(&overlapping.created) {
+        let record = world
+            .runs
+            .run(&TenantId::parse("acme").unwrap(), run)
+            .await
+            .unwrap();
+        assert_eq!(record.trigger, Trigger::Backfill);
+    }
+    for (from, to) in [
+        (utc("2027-01-01T10:00:00Z"), utc("2027-01-01T09:00:00Z")),
+        (utc("2027-01-01T10:00:00Z"), utc("2027-01-01T13:00:00Z")),
+    ] {
+        assert!(matches!(
+            scheduler.backfill(&id, from, to, start).await,
+            Err(batch_app::Error::Job(_))
+        ));
+    }
+    let too_many = scheduler
+        .backfill(
+            &JobId::parse("every-second").unwrap(),
+            utc("2027-01-01T11:00:00Z"),
+            utc("2027-01-01T12:00:00Z"),
+            start,
+        )
+        .await;
+    assert!(
+        matches!(&too_many, Err(batch_app::Error::Job(m)) if m.contains("split the range")),
+        "{too_many:?}"
     );
 }

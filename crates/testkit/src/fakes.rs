@@ -78,10 +78,14 @@ impl CategoryRepository for FakeCategories {
     }
 }
 
+/// The latest preference per (tenant, feature type, user), for paged listing.
+type LatestPreferences = BTreeMap<(String, String, String), Preference>;
+
 /// Preferences held in memory, with a change log for watermarks.
 #[derive(Debug, Default)]
 pub struct FakePreferences {
     log: Mutex<Vec<Preference>>,
+    latest: Mutex<LatestPreferences>,
     unavailable: AtomicBool,
     calls: AtomicUsize,
 }
@@ -89,6 +93,17 @@ pub struct FakePreferences {
 impl FakePreferences {
     /// Records `preference` as the latest change of its user.
     pub fn upsert(&self, preference: Preference) {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                (
+                    preference.tenant.to_string(),
+                    preference.feature_type.to_string(),
+                    preference.user.to_string(),
+                ),
+                preference.clone(),
+            );
         self.log
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -127,22 +142,22 @@ impl PreferenceSource for FakePreferences {
         page_size: usize,
     ) -> Result<PreferencePage, SourceError> {
         self.check()?;
-        let log = self
-            .log
+        let latest = self
+            .latest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut latest: BTreeMap<String, Preference> = BTreeMap::new();
-        for p in log
-            .iter()
-            .filter(|p| &p.tenant == tenant && &p.feature_type == feature)
-        {
-            latest.insert(p.user.to_string(), p.clone());
-        }
+        let (tenant, feature) = (tenant.to_string(), feature.to_string());
+        let from = (
+            tenant.clone(),
+            feature.clone(),
+            page_token.unwrap_or_default().to_owned(),
+        );
         let preferences: Vec<Preference> = latest
-            .into_iter()
-            .filter(|(user, _)| page_token.is_none_or(|t| user.as_str() > t))
+            .range(from..)
+            .take_while(|((t, f, _), _)| t == &tenant && f == &feature)
+            .filter(|((_, _, user), _)| page_token.is_none_or(|t| user.as_str() > t))
             .take(page_size)
-            .map(|(_, p)| p)
+            .map(|(_, p)| p.clone())
             .collect();
         let next_page = (preferences.len() == page_size)
             .then(|| preferences.last().map(|p| p.user.to_string()))
