@@ -35,7 +35,7 @@ impl MigrationTrait for Migration {
             .alter_table(
                 Table::alter()
                     .table(Runs::Table)
-                    .add_column(string(Runs::GroupKey).default(""))
+                    .add_column(string_len(Runs::GroupKey, 256).default(""))
                     .to_owned(),
             )
             .await?;

@@ -159,8 +159,14 @@ impl BatchProcessor {
         scope: &Scope,
         parent: Option<RunId>,
     ) -> Result<RunRecord, Error> {
-        self.create_run(job, trigger, scheduled_for, None, "", scope, parent)
-            .await
+        let origin = Origin {
+            trigger,
+            scheduled_for,
+            occurrence: None,
+            group: "",
+            parent,
+        };
+        self.create_run(job, origin, scope).await
     }
 
     /// Prepares and creates the run of a schedule's occurrence (see [`BatchProcessor::start`]):
@@ -179,27 +185,21 @@ impl BatchProcessor {
         group: &str,
         scope: &Scope,
     ) -> Result<RunRecord, Error> {
-        self.create_run(
-            job,
+        let origin = Origin {
             trigger,
-            Some(nominal),
-            Some(occurrence),
+            scheduled_for: Some(nominal),
+            occurrence: Some(occurrence),
             group,
-            scope,
-            None,
-        )
-        .await
+            parent: None,
+        };
+        self.create_run(job, origin, scope).await
     }
 
     async fn create_run(
         &self,
         job: &Job,
-        trigger: Trigger,
-        scheduled_for: Option<DateTime<Utc>>,
-        occurrence: Option<i64>,
-        group: &str,
+        origin: Origin<'_>,
         scope: &Scope,
-        parent: Option<RunId>,
     ) -> Result<RunRecord, Error> {
         let strategy = self.strategies.for_job(job)?;
         let mut prepared = strategy
@@ -212,12 +212,12 @@ impl BatchProcessor {
             id: id.clone(),
             job: job.id.clone(),
             tenant: job.tenant.clone(),
-            trigger,
+            trigger: origin.trigger,
             priority: scope.priority.unwrap_or(job.priority),
-            scheduled_for,
-            occurrence,
-            group: group.to_owned(),
-            parent,
+            scheduled_for: origin.scheduled_for,
+            occurrence: origin.occurrence,
+            group: origin.group.to_owned(),
+            parent: origin.parent,
             serial: job.overlap != batch_domain::config::Overlap::AllowAll,
             created_at: self.ports.clock.now(),
         };
@@ -452,6 +452,15 @@ impl BatchProcessor {
     fn decide(&self, job: &Job, attempt: u32, kind: FailureKind) -> Decision {
         job.retry.decide(attempt, kind, &mut *lock(&self.rng))
     }
+}
+
+/// Why a run is created: what [`NewRun`] records besides the job and its items.
+struct Origin<'a> {
+    trigger: Trigger,
+    scheduled_for: Option<DateTime<Utc>>,
+    occurrence: Option<i64>,
+    group: &'a str,
+    parent: Option<RunId>,
 }
 
 /// Claimable runs read per tenant when choosing the next run to claim.

@@ -171,6 +171,10 @@ pub struct Waiting {
     pub tenant: TenantId,
 }
 
+/// One tenant's waiting work in [`fair_order`]: the tenant, its load so far, and its queue
+/// sorted worst first (with indices into the input).
+type TenantQueue<'a> = (&'a TenantId, usize, Vec<(QueueKey, usize)>);
+
 /// The order in which to give slots to `waiting` at `now`, as indices into it. The next slot
 /// goes to the work with the highest effective priority band ([`BAND_WIDTH`] points of
 /// base + aging); within that band, to the tenant with the least load — its count in `load`
@@ -192,7 +196,7 @@ pub fn fair_order(
         ));
     }
     // Each tenant's queue is sorted worst first, so its best is popped from the end.
-    let mut queues: Vec<(&TenantId, usize, Vec<(QueueKey, usize)>)> = queues
+    let mut queues: Vec<TenantQueue<'_>> = queues
         .into_iter()
         .map(|(tenant, mut queue)| {
             queue.sort_by(|a, b| b.cmp(a));
