@@ -16,7 +16,6 @@ use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::runs::StoreError;
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, Statement, Value};
 
-pub mod cache;
 mod categories;
 mod contexts;
 mod convert;

@@ -1,7 +1,8 @@
 //! Dev-only helpers for agent-batch's tests. Nothing that ships depends on this crate (a tidy
 //! test checks it).
 //!
-//! [`fakes`] holds stateful in-memory fakes of the ports; [`ManualClock`] is a clock tests move.
+//! [`fakes`] holds stateful in-memory fakes of the ports; [`siblings`] fake sibling services as
+//! real tonic servers; [`ManualClock`] is a clock tests move.
 //!
 //! [`TestDatabase`] creates a throwaway database for one test: a SQLite file in a fresh
 //! temporary directory, or a fresh PostgreSQL database on the server named by
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fakes;
+pub mod siblings;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use batch_clients::cache::{CacheSettings, CachedCategories};
 use batch_domain::TenantId;
 use batch_domain::config::CategorySelection;
 use batch_ports::{CategoryItem, CategoryRepository, SourceError};
-use batch_store::cache::{CacheSettings, CachedCategories};
 use batch_testkit::ManualClock;
 use batch_testkit::fakes::FakeCategories;
 use chrono::{DateTime, Utc};
@@ -125,10 +125,10 @@ fn clock_now(clock: &ManualClock) -> DateTime<Utc> {
 
 #[tokio::test]
 async fn preference_pages_fall_back_but_changes_always_reach_the_source() {
+    use batch_clients::cache::CachedPreferences;
     use batch_domain::preference::Preference;
     use batch_domain::{FeatureType, UserId};
     use batch_ports::PreferenceSource;
-    use batch_store::cache::CachedPreferences;
     use batch_testkit::fakes::FakePreferences;
 
     let fake = Arc::new(FakePreferences::default());

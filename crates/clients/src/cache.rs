@@ -1,4 +1,4 @@
-//! Caching and fallback decorators for the category and preference ports.
+//! Caching and fallback decorators for the category, preference and template ports.
 //!
 //! A cached value is fresh for its TTL (measured with the [`Clock`] port, so tests control
 //! it). Past that, the source is asked again; when the source is unavailable, the last good
@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use batch_domain::TemplateId;
 use batch_domain::config::CategorySelection;
 use batch_domain::preference::Preference;
 use batch_domain::{FeatureType, TenantId};
 use batch_ports::{
-    CategoryRepository, Clock, ItemPage, PreferencePage, PreferenceSource, SourceError,
+    CategoryRepository, Clock, ItemPage, PreferencePage, PreferenceSource, SourceError, Template,
+    TemplateSource,
 };
 use chrono::{DateTime, Utc};
 
@@ -244,5 +246,47 @@ mod tests {
         );
         let err = base.with_env("BATCH_PREFERENCE_CACHE", env).unwrap_err();
         assert!(err.contains("BATCH_PREFERENCE_CACHE_MAX_ENTRIES"), "{err}");
+    }
+}
+
+/// A [`TemplateSource`] that caches templates for the TTL and serves the last good template
+/// while the source is unavailable (logged; a template has no `stale_since` to carry it).
+pub struct CachedTemplates<T> {
+    inner: T,
+    layer: Layer<Template>,
+}
+
+impl<T> CachedTemplates<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, settings: CacheSettings, clock: Arc<dyn Clock>) -> Self {
+        CachedTemplates {
+            inner,
+            layer: Layer::new(settings, clock),
+        }
+    }
+
+    /// Hits, misses and stale answers so far.
+    pub fn stats(&self) -> Arc<CacheStats> {
+        self.layer.stats.clone()
+    }
+}
+
+#[async_trait]
+impl<T: TemplateSource> TemplateSource for CachedTemplates<T> {
+    async fn template(
+        &self,
+        tenant: &TenantId,
+        id: &TemplateId,
+        version: Option<u32>,
+    ) -> Result<Template, SourceError> {
+        let key = format!("{tenant}\u{0}{id}\u{0}{}", version.unwrap_or(0));
+        let (template, stale) = self
+            .layer
+            .get(key, self.inner.template(tenant, id, version))
+            .await?;
+        if let Some(fetched) = stale {
+            tracing::warn!(%tenant, template = %id, %fetched, "template source unavailable; serving the last good template");
+        }
+        Ok(template)
     }
 }

@@ -1,0 +1,114 @@
+//! The Request service's client: the [`RequestExecutor`] of production.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use batch_domain::retry::FailureKind;
+use batch_ports::{Clock, ExecuteError, Request, RequestExecutor};
+use batch_proto::request::v1 as pb;
+use batch_proto::request::v1::request_service_client::RequestServiceClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+use super::convert::{from_struct, to_struct, value_to_struct};
+use super::{BadEndpoint, ChannelSettings, channel, failure_kind, with_deadline};
+use crate::breaker::{BreakerSettings, CircuitBreaker};
+
+/// Executes requests on the Request service: every call carries the item's idempotency key
+/// and a deadline; transient failures are reported retryable (the processor retries them with
+/// backoff and the same key) and open the circuit breaker when they keep coming.
+#[derive(Debug)]
+pub struct GrpcExecutor {
+    client: RequestServiceClient<Channel>,
+    timeout: Duration,
+    breaker: CircuitBreaker,
+}
+
+impl GrpcExecutor {
+    /// A client of the service at `settings.endpoint`, with its own breaker.
+    ///
+    /// # Errors
+    /// [`BadEndpoint`] for an endpoint that is not an address.
+    pub fn new(
+        settings: &ChannelSettings,
+        breaker: BreakerSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, BadEndpoint> {
+        Ok(GrpcExecutor {
+            client: RequestServiceClient::new(channel(settings)?),
+            timeout: settings.timeout,
+            breaker: CircuitBreaker::new(breaker, clock),
+        })
+    }
+
+    /// The breaker guarding the service.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+}
+
+#[async_trait]
+impl RequestExecutor for GrpcExecutor {
+    async fn execute(&self, request: Request) -> Result<Value, ExecuteError> {
+        if let Err(open) = self.breaker.admit() {
+            return Err(ExecuteError {
+                kind: FailureKind::Retryable,
+                message: format!("request service: {open}"),
+            });
+        }
+        let message = pb::ExecuteRequest {
+            request_id: request.idempotency_key.clone(),
+            tenant_id: request.tenant.to_string(),
+            user_id: request
+                .user
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            template_id: request.template.to_string(),
+            template_version: request.template_version.unwrap_or(0),
+            payload: Some(value_to_struct(&request.payload)),
+            parameters: Some(to_struct(&request.parameters)),
+            idempotency_key: request.idempotency_key,
+        };
+        let answer = self
+            .client
+            .clone()
+            .execute(with_deadline(message, self.timeout))
+            .await;
+        match answer {
+            Ok(response) => {
+                self.breaker.record(false);
+                let response = response.into_inner();
+                match pb::ExecuteStatus::try_from(response.status) {
+                    Ok(pb::ExecuteStatus::Succeeded) => Ok(Value::Object(
+                        response
+                            .result
+                            .as_ref()
+                            .map(from_struct)
+                            .unwrap_or_default(),
+                    )),
+                    _ => Err(ExecuteError {
+                        kind: FailureKind::Permanent,
+                        message: format!(
+                            "request service: execution failed: {}",
+                            if response.message.is_empty() {
+                                "no reason given"
+                            } else {
+                                &response.message
+                            }
+                        ),
+                    }),
+                }
+            }
+            Err(status) => {
+                let kind = failure_kind(status.code());
+                self.breaker.record(kind == FailureKind::Retryable);
+                Err(ExecuteError {
+                    kind,
+                    message: format!("request service: {:?}: {}", status.code(), status.message()),
+                })
+            }
+        }
+    }
+}
