@@ -16,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure().compile_with_config(
         config,
         &files.map(|f| root.join(f)),
-        &[root.clone()],
+        std::slice::from_ref(&root),
     )?;
     Ok(())
 }

@@ -221,34 +221,6 @@ impl<P: PreferenceSource> PreferenceSource for CachedPreferences<P> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_take_the_environment_over_configuration() {
-        let base = CacheSettings {
-            ttl: Duration::from_secs(60),
-            max_entries: 100,
-        };
-        let env = |name: &str| match name {
-            "BATCH_CATEGORY_CACHE_TTL_SECS" => Some("5".to_owned()),
-            "BATCH_PREFERENCE_CACHE_MAX_ENTRIES" => Some("ten".to_owned()),
-            _ => None,
-        };
-        let categories = base.with_env("BATCH_CATEGORY_CACHE", env).unwrap();
-        assert_eq!(
-            categories,
-            CacheSettings {
-                ttl: Duration::from_secs(5),
-                max_entries: 100
-            }
-        );
-        let err = base.with_env("BATCH_PREFERENCE_CACHE", env).unwrap_err();
-        assert!(err.contains("BATCH_PREFERENCE_CACHE_MAX_ENTRIES"), "{err}");
-    }
-}
-
 /// A [`TemplateSource`] that caches templates for the TTL and serves the last good template
 /// while the source is unavailable (logged; a template has no `stale_since` to carry it).
 pub struct CachedTemplates<T> {
@@ -288,5 +260,33 @@ impl<T: TemplateSource> TemplateSource for CachedTemplates<T> {
             tracing::warn!(%tenant, template = %id, %fetched, "template source unavailable; serving the last good template");
         }
         Ok(template)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_take_the_environment_over_configuration() {
+        let base = CacheSettings {
+            ttl: Duration::from_secs(60),
+            max_entries: 100,
+        };
+        let env = |name: &str| match name {
+            "BATCH_CATEGORY_CACHE_TTL_SECS" => Some("5".to_owned()),
+            "BATCH_PREFERENCE_CACHE_MAX_ENTRIES" => Some("ten".to_owned()),
+            _ => None,
+        };
+        let categories = base.with_env("BATCH_CATEGORY_CACHE", env).unwrap();
+        assert_eq!(
+            categories,
+            CacheSettings {
+                ttl: Duration::from_secs(5),
+                max_entries: 100
+            }
+        );
+        let err = base.with_env("BATCH_PREFERENCE_CACHE", env).unwrap_err();
+        assert!(err.contains("BATCH_PREFERENCE_CACHE_MAX_ENTRIES"), "{err}");
     }
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod check_config;
 mod run;
+mod wiring;
 
 /// The agent-batch server.
 #[derive(Debug, Parser)]
@@ -38,37 +39,7 @@ enum Command {
     },
     /// Run one occurrence of a job now, in this process, and print its batch context.
     /// Exits 0 when every item succeeded, 1 when some did not, 2 on an error.
-    Run {
-        /// The job to run.
-        job: String,
-        /// The jobs file.
-        #[arg(long, env = "BATCH_JOBS_FILE", default_value = "config/jobs.json")]
-        jobs: PathBuf,
-        /// The database (created and migrated if needed).
-        #[arg(
-            long,
-            env = "BATCH_DATABASE_URL",
-            default_value = "sqlite://data/batch.db?mode=rwc"
-        )]
-        database_url: String,
-        /// The directory of execution templates.
-        #[arg(long, env = "BATCH_TEMPLATES_DIR", default_value = "config/templates")]
-        templates: PathBuf,
-        /// Sample data loaded into an empty embedded database.
-        #[arg(
-            long,
-            env = "BATCH_SAMPLE_DATA_DIR",
-            default_value = "config/sample-data"
-        )]
-        sample_data: PathBuf,
-        /// Create and use the stand-in tables of users, categories and preferences (default:
-        /// yes for SQLite, no for PostgreSQL).
-        #[arg(long, env = "BATCH_EXTERNAL_TABLES")]
-        external_tables: Option<bool>,
-        /// Print the context JSON alone on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Run(run::RunArgs),
 }
 
 fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
@@ -85,25 +56,8 @@ fn main() -> ExitCode {
             from,
             json,
         } => check_config::run(&file, next, from.unwrap_or_else(Utc::now), json),
-        Command::Run {
-            job,
-            jobs,
-            database_url,
-            templates,
-            sample_data,
-            external_tables,
-            json,
-        } => {
+        Command::Run(args) => {
             init_logs();
-            let args = run::RunArgs {
-                job,
-                jobs,
-                database_url,
-                templates,
-                sample_data,
-                external_tables,
-                json,
-            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(e) => {

@@ -8,22 +8,48 @@ use anyhow::{Context, bail};
 use batch_app::Ports;
 use batch_app::processor::{BatchProcessor, ProcessorSettings};
 use batch_app::strategy::{Scope, Strategies};
-use batch_clients::local::{FileTemplates, RenderingExecutor};
 use batch_domain::config::parse_jobs_file;
 use batch_domain::context::BatchContext;
 use batch_domain::run::{RunStatus, Trigger};
-use batch_ports::{SystemClock, TemplateSource};
+use batch_ports::{Clock, SystemClock};
 use batch_store::Store;
 
+use crate::wiring::{self, SiblingArgs};
+
 /// What `run` needs to know.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RunArgs {
+    /// The job to run.
     pub(crate) job: String,
+    /// The jobs file.
+    #[arg(long, env = "BATCH_JOBS_FILE", default_value = "config/jobs.json")]
     pub(crate) jobs: PathBuf,
+    /// The database (created and migrated if needed).
+    #[arg(
+        long,
+        env = "BATCH_DATABASE_URL",
+        default_value = "sqlite://data/batch.db?mode=rwc"
+    )]
     pub(crate) database_url: String,
+    /// The directory of execution templates (when no template endpoint is given).
+    #[arg(long, env = "BATCH_TEMPLATES_DIR", default_value = "config/templates")]
     pub(crate) templates: PathBuf,
+    /// Sample data loaded into an empty embedded database.
+    #[arg(
+        long,
+        env = "BATCH_SAMPLE_DATA_DIR",
+        default_value = "config/sample-data"
+    )]
     pub(crate) sample_data: PathBuf,
+    /// Create and use the stand-in tables of users, categories and preferences (default:
+    /// yes for SQLite, no for PostgreSQL).
+    #[arg(long, env = "BATCH_EXTERNAL_TABLES")]
     pub(crate) external_tables: Option<bool>,
+    /// Where the sibling services are.
+    #[command(flatten)]
+    pub(crate) siblings: SiblingArgs,
+    /// Print the context JSON alone on stdout.
+    #[arg(long)]
     pub(crate) json: bool,
 }
 
@@ -65,19 +91,17 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     {
         tracing::info!(?loaded, "sample data loaded into an empty database");
     }
-    let templates: Arc<dyn TemplateSource> = Arc::new(
-        FileTemplates::load(&args.templates)
-            .with_context(|| format!("loading templates from {}", args.templates.display()))?,
-    );
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let templates = wiring::templates(&args.siblings, &args.templates, clock.clone())?;
     let ports = Ports {
         runs: store.clone(),
         contexts: store.clone(),
         users: store.clone(),
         categories: store.clone(),
-        preferences: store.clone(),
-        executor: Arc::new(RenderingExecutor::new(templates.clone())),
+        preferences: wiring::preferences(&args.siblings, store.clone(), clock.clone())?,
+        executor: wiring::executor(&args.siblings, templates.clone(), clock.clone())?,
         templates,
-        clock: Arc::new(SystemClock),
+        clock,
     };
     let processor = BatchProcessor::new(ports, Strategies::default(), ProcessorSettings::default());
     let run = processor

@@ -51,6 +51,9 @@ struct Feed {
 
 type FeedKey = (TenantId, FeatureType);
 
+/// A running watch: its feed and the task that fills it.
+type Watch = (Arc<Mutex<Feed>>, tokio::task::AbortHandle);
+
 /// Reads preferences from the Config service. `changes_since(…, 0)` lists every preference
 /// and starts a watch for the tenant and feature type from the listing's watermark; later calls
 /// hand out what the watch received since. Wrap it in [`crate::cache::CachedPreferences`]
@@ -60,7 +63,7 @@ pub struct GrpcPreferences {
     timeout: Duration,
     settings: WatchSettings,
     clock: Arc<dyn Clock>,
-    feeds: Mutex<HashMap<FeedKey, (Arc<Mutex<Feed>>, tokio::task::AbortHandle)>>,
+    feeds: Mutex<HashMap<FeedKey, Watch>>,
 }
 
 impl std::fmt::Debug for GrpcPreferences {
