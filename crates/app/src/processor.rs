@@ -710,6 +710,7 @@ impl Execution<'_> {
             template_version: None,
             payload: item.payload.clone(),
             parameters,
+            timeout: Some(self.job.execution.timeout),
         }
     }
 
@@ -920,6 +921,7 @@ impl Execution<'_> {
                     "failed": counts.failed,
                 }),
                 parameters: Map::new(),
+                timeout: Some(self.job.execution.timeout),
             };
             if ports.executor.execute(request).await.is_err() {
                 failed += 1;

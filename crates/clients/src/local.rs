@@ -248,6 +248,7 @@ mod tests {
             template_version: None,
             payload,
             parameters: json!({"tone": "warm"}).as_object().unwrap().clone(),
+            timeout: None,
         }
     }
 

@@ -44,6 +44,7 @@ fn request(key: &str) -> Request {
         template_version: None,
         payload: json!({"user_id": "alice", "n": 3}),
         parameters: json!({"tone": "warm"}).as_object().unwrap().clone(),
+        timeout: None,
     }
 }
 
@@ -184,14 +185,19 @@ async fn the_breaker_opens_under_a_failure_burst_and_closes_after_recovery() {
 }
 
 #[tokio::test]
-async fn a_stalled_call_ends_at_its_deadline_and_a_refused_connection_is_retryable() {
+async fn a_stalled_call_ends_at_the_callers_deadline_and_a_refused_connection_is_retryable() {
     let (fake, server) = request_server().await;
     fake.faults.stall();
     let mut settings = ChannelSettings::new(server.url());
-    settings.timeout = Duration::from_millis(200);
+    settings.timeout = Duration::from_secs(30);
     let executor = GrpcExecutor::new(&settings, NEVER_OPENS, Arc::new(SystemClock)).unwrap();
     let started = Instant::now();
-    let error = executor.execute(request("run-1:slow")).await.unwrap_err();
+    // The caller (the job's item timeout) waits 200 ms: that is the call's deadline.
+    let slow = Request {
+        timeout: Some(Duration::from_millis(200)),
+        ..request("run-1:slow")
+    };
+    let error = executor.execute(slow).await.unwrap_err();
     assert_eq!(error.kind, FailureKind::Retryable);
     assert!(
         error.message.contains("DeadlineExceeded") || error.message.contains("Cancelled"),

@@ -246,6 +246,9 @@ pub struct Request {
     pub payload: Value,
     /// Template parameters.
     pub parameters: Map<String, Value>,
+    /// How long the caller waits for the answer (the job's item timeout); adapters pass it on
+    /// as the call's deadline, so the callee stops working when nobody waits any more.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// A failed request.

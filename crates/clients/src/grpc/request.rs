@@ -57,6 +57,10 @@ impl RequestExecutor for GrpcExecutor {
                 message: format!("request service: {open}"),
             });
         }
+        // The caller's deadline, within the configured one, travels with the call.
+        let timeout = request
+            .timeout
+            .map_or(self.timeout, |caller| caller.min(self.timeout));
         let message = pb::ExecuteRequest {
             request_id: request.idempotency_key.clone(),
             tenant_id: request.tenant.to_string(),
@@ -74,7 +78,7 @@ impl RequestExecutor for GrpcExecutor {
         let answer = self
             .client
             .clone()
-            .execute(with_deadline(message, self.timeout))
+            .execute(with_deadline(message, timeout))
             .await;
         match answer {
             Ok(response) => {
