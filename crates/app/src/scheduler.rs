@@ -783,18 +783,19 @@ impl BatchScheduler {
         if guard.is_none() {
             let mut index = self.load(now).await?;
             self.watch_preferences(&mut index, now).await?;
-            index.paused = self
-                .schedules
-                .paused_jobs()
-                .await?
-                .into_iter()
-                .map(|p| (p.job.clone(), p))
-                .collect();
             *guard = Some(index);
         }
-        let Some(index) = guard.as_ref() else {
+        let Some(index) = guard.as_mut() else {
             return Ok(Vec::new());
         };
+        // Pauses are read fresh: another replica (or an API call) may have just paused a job.
+        index.paused = self
+            .schedules
+            .paused_jobs()
+            .await?
+            .into_iter()
+            .map(|p| (p.job.clone(), p))
+            .collect();
         let user_groups: Option<HashSet<Key>> = filter.user.as_ref().map(|user| {
             index
                 .members

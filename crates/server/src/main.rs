@@ -1,15 +1,21 @@
-//! `batch-server`, the agent-batch binary: `check-config` validates a jobs file and shows when
-//! each job fires next; `run` runs one occurrence of a job now, in process, to completion.
+//! `batch-server`, the agent-batch binary: `serve` (the default) serves the gRPC API, fires
+//! schedules and executes runs; `check-config` validates a jobs file and shows when each job
+//! fires next; `run` runs one occurrence of a job now, in process, to completion; `migrate`
+//! brings the schema up to date.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
+mod api;
+mod auth;
 mod check_config;
 mod run;
+mod serve;
 mod wiring;
 
 /// The agent-batch server.
@@ -40,6 +46,22 @@ enum Command {
     /// Run one occurrence of a job now, in this process, and print its batch context.
     /// Exits 0 when every item succeeded, 1 when some did not, 2 on an error.
     Run(run::RunArgs),
+    /// Serve the gRPC API, fire schedules and execute runs (the default command).
+    Serve(Box<serve::ServeArgs>),
+    /// Bring the database schema up to date and exit (for deploy pipelines).
+    Migrate {
+        /// The database.
+        #[arg(
+            long,
+            env = "BATCH_DATABASE_URL",
+            default_value = "sqlite://data/batch.db?mode=rwc",
+            hide_env_values = true
+        )]
+        database_url: String,
+        /// Also create the stand-in tables of users, categories and preferences.
+        #[arg(long, env = "BATCH_EXTERNAL_TABLES")]
+        external_tables: Option<bool>,
+    },
 }
 
 fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
@@ -48,8 +70,60 @@ fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| format!("{text:?} is not an RFC 3339 instant (2027-03-14T07:00:00Z): {e}"))
 }
 
+/// Runs `future` on a multi-threaded runtime; errors print with their causes and exit 2.
+fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    // `serve` is the default command.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.len() == 1 {
+        argv.push("serve".into());
+    }
+    match Cli::parse_from(argv).command {
+        Command::Serve(args) => {
+            init_logs();
+            block_on(serve::serve(*args))
+        }
+        Command::Migrate {
+            database_url,
+            external_tables,
+        } => {
+            init_logs();
+            block_on(async move {
+                let store = batch_store::Store::connect(&database_url)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "opening the database {}",
+                            batch_store::redact(&database_url)
+                        )
+                    })?;
+                store.migrate().await.context("migrating")?;
+                if external_tables.unwrap_or(false) {
+                    store
+                        .migrate_external()
+                        .await
+                        .context("migrating the external stand-in tables")?;
+                }
+                println!("migrated {}", batch_store::redact(&database_url));
+                Ok(())
+            })
+        }
         Command::CheckConfig {
             file,
             next,

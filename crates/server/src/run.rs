@@ -12,7 +12,6 @@ use batch_domain::config::parse_jobs_file;
 use batch_domain::context::BatchContext;
 use batch_domain::run::{RunStatus, Trigger};
 use batch_ports::{Clock, SystemClock};
-use batch_store::Store;
 
 use crate::wiring::{self, SiblingArgs};
 
@@ -68,29 +67,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             known.join(", ")
         );
     };
-    // The embedded default manages the stand-ins of external tables itself; elsewhere they
-    // belong to other systems unless asked for.
-    let embedded = args.database_url.starts_with("sqlite:");
-    let external = args.external_tables.unwrap_or(embedded);
-    let store = Arc::new(
-        Store::open(&args.database_url, external)
-            .await
-            .with_context(|| {
-                format!(
-                    "opening the database {}",
-                    batch_store::redact(&args.database_url)
-                )
-            })?,
-    );
-    if external
-        && args.sample_data.is_dir()
-        && let Some(loaded) = store
-            .seed_sample_data(&args.sample_data)
-            .await
-            .context("loading sample data")?
-    {
-        tracing::info!(?loaded, "sample data loaded into an empty database");
-    }
+    let store =
+        wiring::open_store(&args.database_url, args.external_tables, &args.sample_data).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let templates = wiring::templates(&args.siblings, &args.templates, clock.clone())?;
     let ports = Ports {

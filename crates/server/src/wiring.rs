@@ -13,6 +13,7 @@ use batch_clients::grpc::{
 };
 use batch_clients::local::{FileTemplates, RenderingExecutor};
 use batch_ports::{Clock, PreferenceSource, RequestExecutor, TemplateSource};
+use batch_store::Store;
 
 /// Where the sibling services are, when not embedded.
 #[derive(Debug, Clone, clap::Args)]
@@ -101,4 +102,30 @@ pub(crate) fn preferences(
         )),
         None => database,
     })
+}
+
+/// Opens (and migrates) the database; the embedded default also gets the stand-in tables of
+/// external data and, when empty, the sample data.
+pub(crate) async fn open_store(
+    database_url: &str,
+    external_tables: Option<bool>,
+    sample_data: &Path,
+) -> anyhow::Result<Arc<Store>> {
+    // The embedded default manages the stand-ins of external tables itself; elsewhere they
+    // belong to other systems unless asked for.
+    let external = external_tables.unwrap_or(database_url.starts_with("sqlite:"));
+    let store =
+        Arc::new(Store::open(database_url, external).await.with_context(|| {
+            format!("opening the database {}", batch_store::redact(database_url))
+        })?);
+    if external
+        && sample_data.is_dir()
+        && let Some(loaded) = store
+            .seed_sample_data(sample_data)
+            .await
+            .context("loading sample data")?
+    {
+        tracing::info!(?loaded, "sample data loaded into an empty database");
+    }
+    Ok(store)
 }

@@ -1,0 +1,626 @@
+//! The `agent.batch.v1.BatchService` handlers. They only translate: proto in, application and
+//! store calls, proto out. The caller's tenant scopes everything; another tenant's ids answer
+//! `NOT_FOUND` exactly like missing ones.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use batch_app::processor::BatchProcessor;
+use batch_app::scheduler::{BatchScheduler, FireFilter};
+use batch_app::strategy::Scope;
+use batch_domain::config::Job;
+use batch_domain::run::{ItemStatus, RunId};
+use batch_domain::{FeatureType, JobId, Priority, TemplateId, TenantId, UserId};
+use batch_ports::Clock;
+use batch_ports::contexts::{ContextStore, ReferenceCursor};
+use batch_ports::runs::{RunRecord, RunStore, StoreError};
+use batch_ports::schedules::ScheduleStore;
+use batch_proto::batch::v1 as pb;
+use batch_proto::batch::v1::batch_service_server::BatchService;
+use batch_store::Store;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::auth::Caller;
+
+/// The most items or references one page holds.
+const MAX_PAGE: usize = 1_000;
+
+/// What the handlers work with.
+pub(crate) struct Api {
+    pub(crate) jobs: Arc<HashMap<JobId, Job>>,
+    pub(crate) scheduler: Arc<BatchScheduler>,
+    pub(crate) processor: Arc<BatchProcessor>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no caller identity"))
+}
+
+fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::NotFound(what) => Status::not_found(what),
+        StoreError::Unavailable(why) => Status::unavailable(format!("database unavailable: {why}")),
+        StoreError::AlreadyExists(what) => Status::already_exists(what),
+        StoreError::LeaseLost(why) => Status::aborted(why),
+        StoreError::Unsupported(why) => Status::failed_precondition(why),
+        StoreError::Unexpected(why) => {
+            tracing::error!(error = %why, "store failure");
+            Status::internal("internal error; see the server log")
+        }
+    }
+}
+
+fn app_status(error: batch_app::Error) -> Status {
+    match error {
+        batch_app::Error::Store(e) => store_status(e),
+        batch_app::Error::Source(batch_ports::SourceError::Unavailable(why)) => {
+            Status::unavailable(why)
+        }
+        batch_app::Error::Source(batch_ports::SourceError::NotFound(why)) => {
+            Status::failed_precondition(why)
+        }
+        batch_app::Error::Source(e) => {
+            tracing::error!(error = %e, "source failure");
+            Status::internal("internal error; see the server log")
+        }
+        batch_app::Error::Job(why) => Status::invalid_argument(why),
+    }
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn instant(field: &str, t: Option<&prost_types::Timestamp>) -> Result<DateTime<Utc>, Status> {
+    let t = t.ok_or_else(|| Status::invalid_argument(format!("{field} is required")))?;
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+        .ok_or_else(|| Status::invalid_argument(format!("{field} is not a valid instant")))
+}
+
+fn parse<'a, T, E: std::fmt::Display>(
+    field: &str,
+    value: &'a str,
+    parse: impl FnOnce(&'a str) -> Result<T, E>,
+) -> Result<T, Status> {
+    parse(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn page_size(requested: u32) -> usize {
+    match usize::try_from(requested).unwrap_or(MAX_PAGE) {
+        0 => 100,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+fn to_struct(value: &Value) -> Option<prost_types::Struct> {
+    let Value::Object(map) = value else {
+        return None;
+    };
+    Some(prost_types::Struct {
+        fields: map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect(),
+    })
+}
+
+fn to_value(value: &Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(to_value).collect(),
+        }),
+        Value::Object(_) => Kind::StructValue(to_struct(value).unwrap_or_default()),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn from_struct(value: &prost_types::Struct) -> serde_json::Map<String, Value> {
+    use prost_types::value::Kind;
+    fn from_value(value: &prost_types::Value) -> Value {
+        match &value.kind {
+            None | Some(Kind::NullValue(_)) => Value::Null,
+            Some(Kind::BoolValue(b)) => Value::Bool(*b),
+            Some(Kind::NumberValue(n)) => {
+                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+            }
+            Some(Kind::StringValue(s)) => Value::String(s.clone()),
+            Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(from_value).collect()),
+            Some(Kind::StructValue(s)) => Value::Object(from_struct(s)),
+        }
+    }
+    value
+        .fields
+        .iter()
+        .map(|(k, v)| (k.clone(), from_value(v)))
+        .collect()
+}
+
+/// An opaque page token over a position.
+fn encode_token(position: &str) -> String {
+    position.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Result<String, Status> {
+    let bad = || Status::invalid_argument("page_token is not a token this server gave out");
+    if !token.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    let bytes: Result<Vec<u8>, _> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect();
+    String::from_utf8(bytes.map_err(|_| bad())?).map_err(|_| bad())
+}
+
+impl Api {
+    fn job(&self, caller: &Caller, id: &str) -> Result<&Job, Status> {
+        let id = parse("job_id", id, JobId::parse)?;
+        self.jobs
+            .get(&id)
+            .filter(|job| caller.sees(&job.tenant))
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    async fn job_message(&self, job: &Job) -> Result<pb::Job, Status> {
+        let pause = self
+            .store
+            .paused_jobs()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .find(|p| p.job == job.id);
+        Ok(pb::Job {
+            job_id: job.id.to_string(),
+            tenant_id: job.tenant.to_string(),
+            r#type: job.batch_type.to_string(),
+            enabled: job.enabled,
+            pause_note: pause.map(|p| p.note).unwrap_or_default(),
+            schedule: job
+                .schedule
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            feature_type: job
+                .dynamic
+                .as_ref()
+                .map(|d| d.feature_type.to_string())
+                .unwrap_or_default(),
+            priority: u32::from(job.priority.value()),
+            description: job.description.clone().unwrap_or_default(),
+        })
+    }
+
+    /// The run `id` if the caller may see it.
+    async fn run(&self, caller: &Caller, id: &str) -> Result<RunRecord, Status> {
+        let id = parse("run_id", id, RunId::parse)?;
+        let tenants: BTreeSet<TenantId> = match caller {
+            Caller::Tenant(tenant) => [tenant.clone()].into(),
+            Caller::Operator => self.jobs.values().map(|j| j.tenant.clone()).collect(),
+        };
+        for tenant in tenants {
+            match self.store.run(&tenant, &id).await {
+                Ok(run) => return Ok(run),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(store_status(e)),
+            }
+        }
+        Err(Status::not_found(format!("no run {id}")))
+    }
+
+    async fn run_message(&self, run: &RunRecord) -> Result<pb::Run, Status> {
+        let counts = self.store.counts(&run.id).await.map_err(store_status)?;
+        let progress = batch_app::context::progress(&counts);
+        Ok(pb::Run {
+            run_id: run.id.to_string(),
+            job_id: run.job.to_string(),
+            tenant_id: run.tenant.to_string(),
+            status: run.status.to_string(),
+            trigger: run.trigger.to_string(),
+            scheduled_for: run.scheduled_for.map(timestamp),
+            group: run.group.clone(),
+            priority: u32::from(run.priority.value()),
+            created_at: Some(timestamp(run.created_at)),
+            started_at: run.started_at.map(timestamp),
+            finished_at: run.finished_at.map(timestamp),
+            progress: Some(pb::Progress {
+                processed: progress.processed,
+                succeeded: progress.succeeded,
+                failed: progress.failed,
+                total: progress.total,
+                percentage: progress.percentage,
+            }),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl BatchService for Api {
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = caller(&request)?;
+        let mut visible: Vec<&Job> = self
+            .jobs
+            .values()
+            .filter(|j| caller.sees(&j.tenant))
+            .collect();
+        visible.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut jobs = Vec::with_capacity(visible.len());
+        for job in visible {
+            jobs.push(self.job_message(job).await?);
+        }
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let job = self.job(&caller, &request.get_ref().job_id)?;
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(self.job_message(job).await?),
+        }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::PauseJobRequest>,
+    ) -> Result<Response<pb::PauseJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let job = self.job(&caller, &request.get_ref().job_id)?;
+        self.scheduler
+            .pause(&job.id, &request.get_ref().note, self.clock.now())
+            .await
+            .map_err(app_status)?;
+        Ok(Response::new(pb::PauseJobResponse {
+            job: Some(self.job_message(job).await?),
+        }))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::ResumeJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let job = self.job(&caller, &request.get_ref().job_id)?;
+        let was_paused = self.scheduler.resume(&job.id).await.map_err(app_status)?;
+        Ok(Response::new(pb::ResumeJobResponse {
+            job: Some(self.job_message(job).await?),
+            was_paused,
+        }))
+    }
+
+    async fn trigger_job(
+        &self,
+        request: Request<pb::TriggerJobRequest>,
+    ) -> Result<Response<pb::TriggerJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.get_ref();
+        let job = self.job(&caller, &message.job_id)?;
+        let users = if message.user_ids.is_empty() {
+            None
+        } else {
+            let mut users = HashSet::new();
+            for (n, user) in message.user_ids.iter().enumerate() {
+                users.insert(parse(&format!("user_ids[{n}]"), user, UserId::parse)?);
+            }
+            Some(users)
+        };
+        let scope = Scope {
+            users,
+            template: (!message.template_id.is_empty())
+                .then(|| parse("template_id", &message.template_id, TemplateId::parse))
+                .transpose()?,
+            parameters: message
+                .parameters
+                .as_ref()
+                .map(from_struct)
+                .unwrap_or_default(),
+            priority: message
+                .priority
+                .map(|p| {
+                    parse("priority", &p.to_string(), |t: &str| {
+                        Priority::new(t.parse::<u64>().unwrap_or(u64::MAX))
+                    })
+                })
+                .transpose()?,
+        };
+        let run = self
+            .scheduler
+            .trigger(&job.id, &scope)
+            .await
+            .map_err(app_status)?;
+        Ok(Response::new(pb::TriggerJobResponse {
+            run: Some(self.run_message(&run).await?),
+        }))
+    }
+
+    async fn backfill_job(
+        &self,
+        request: Request<pb::BackfillJobRequest>,
+    ) -> Result<Response<pb::BackfillJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.get_ref();
+        let job = self.job(&caller, &message.job_id)?;
+        let from = instant("from", message.from.as_ref())?;
+        let to = instant("to", message.to.as_ref())?;
+        let done = self
+            .scheduler
+            .backfill(&job.id, from, to, self.clock.now())
+            .await
+            .map_err(app_status)?;
+        Ok(Response::new(pb::BackfillJobResponse {
+            run_ids: done.created.iter().map(ToString::to_string).collect(),
+            existed: u32::try_from(done.existed).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::GetRunResponse>, Status> {
+        let caller = caller(&request)?;
+        let run = self.run(&caller, &request.get_ref().run_id).await?;
+        let context = self
+            .store
+            .context(&run.tenant, &run.id)
+            .await
+            .map_err(store_status)?;
+        let context = serde_json::to_value(&context)
+            .map_err(|e| Status::internal(format!("encoding the context: {e}")))?;
+        Ok(Response::new(pb::GetRunResponse {
+            run: Some(self.run_message(&run).await?),
+            context: to_struct(&context),
+        }))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let caller = caller(&request)?;
+        let run = self.run(&caller, &request.get_ref().run_id).await?;
+        self.store
+            .request_cancel(&run.id)
+            .await
+            .map_err(store_status)?;
+        self.processor.cancel(&run.id);
+        let run = self.run(&caller, run.id.as_str()).await?;
+        Ok(Response::new(pb::CancelRunResponse {
+            run: Some(self.run_message(&run).await?),
+        }))
+    }
+
+    type WatchRunStream = ReceiverStream<Result<pb::WatchRunResponse, Status>>;
+
+    async fn watch_run(
+        &self,
+        request: Request<pb::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let caller = caller(&request)?;
+        let run = self.run(&caller, &request.get_ref().run_id).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let store = self.store.clone();
+        let clock = self.clock.clone();
+        let mut events = self.processor.subscribe(&run.id);
+        let api = Api {
+            jobs: self.jobs.clone(),
+            scheduler: self.scheduler.clone(),
+            processor: self.processor.clone(),
+            store,
+            clock,
+        };
+        tokio::spawn(async move {
+            let mut last: Option<pb::Run> = None;
+            loop {
+                let current = match api.store.run(&run.tenant, &run.id).await {
+                    Ok(current) => current,
+                    Err(e) => {
+                        let _ = sender.send(Err(store_status(e))).await;
+                        return;
+                    }
+                };
+                let message = match api.run_message(&current).await {
+                    Ok(message) => message,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                };
+                if last.as_ref() != Some(&message) {
+                    last = Some(message.clone());
+                    if sender
+                        .send(Ok(pb::WatchRunResponse { run: Some(message) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if current.status.is_terminal() {
+                    return;
+                }
+                // Progress of a run executed here arrives at once; a run executed by another
+                // replica is polled.
+                tokio::select! {
+                    _ = events.changed() => {}
+                    () = api.clock.sleep(Duration::from_millis(250)) => {}
+                    () = sender.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn list_run_items(
+        &self,
+        request: Request<pb::ListRunItemsRequest>,
+    ) -> Result<Response<pb::ListRunItemsResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.get_ref();
+        let run = self.run(&caller, &message.run_id).await?;
+        let status = (!message.status.is_empty())
+            .then(|| parse("status", &message.status, |s: &str| s.parse::<ItemStatus>()))
+            .transpose()?;
+        let user = (!message.user_id.is_empty())
+            .then(|| parse("user_id", &message.user_id, UserId::parse))
+            .transpose()?;
+        let after = (!message.page_token.is_empty())
+            .then(|| {
+                decode_token(&message.page_token)?
+                    .parse::<i64>()
+                    .map_err(|_| {
+                        Status::invalid_argument("page_token is not a token this server gave out")
+                    })
+            })
+            .transpose()?;
+        let size = page_size(message.page_size);
+        let page = self
+            .store
+            .list_items(&run.tenant, &run.id, status, after, size)
+            .await
+            .map_err(store_status)?;
+        let next_page_token = if page.len() == size {
+            page.last()
+                .map(|i| encode_token(&i.seq.to_string()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let items = page
+            .into_iter()
+            .filter(|i| user.as_ref().is_none_or(|u| i.user.as_ref() == Some(u)))
+            .map(|i| pb::RunItem {
+                seq: i.seq,
+                key: i.key,
+                user_id: i.user.map(|u| u.to_string()).unwrap_or_default(),
+                status: i.status.to_string(),
+                attempts: i.attempts,
+                last_error: i.last_error.unwrap_or_default(),
+                result: i.result.as_ref().and_then(to_struct),
+            })
+            .collect();
+        Ok(Response::new(pb::ListRunItemsResponse {
+            items,
+            next_page_token,
+        }))
+    }
+
+    async fn list_user_references(
+        &self,
+        request: Request<pb::ListUserReferencesRequest>,
+    ) -> Result<Response<pb::ListUserReferencesResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.get_ref();
+        let user = parse("user_id", &message.user_id, UserId::parse)?;
+        let tenant = match &caller {
+            Caller::Tenant(tenant) => tenant.clone(),
+            Caller::Operator => {
+                return Err(Status::failed_precondition(
+                    "references belong to a tenant: call with a tenant's token",
+                ));
+            }
+        };
+        let cursor = (!message.page_token.is_empty())
+            .then(|| -> Result<ReferenceCursor, Status> {
+                let bad =
+                    || Status::invalid_argument("page_token is not a token this server gave out");
+                let text = decode_token(&message.page_token)?;
+                let (ms, run) = text.split_once(' ').ok_or_else(bad)?;
+                Ok(ReferenceCursor {
+                    created_at: ms
+                        .parse::<i64>()
+                        .ok()
+                        .and_then(DateTime::from_timestamp_millis)
+                        .ok_or_else(bad)?,
+                    run: RunId::parse(run).map_err(|_| bad())?,
+                })
+            })
+            .transpose()?;
+        let size = page_size(message.page_size);
+        let page = self
+            .store
+            .references(&tenant, &user, cursor.as_ref(), size)
+            .await
+            .map_err(store_status)?;
+        let next_page_token = if page.len() == size {
+            page.last()
+                .map(|r| encode_token(&format!("{} {}", r.created_at.timestamp_millis(), r.run)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListUserReferencesResponse {
+            references: page
+                .into_iter()
+                .map(|r| pb::BatchReference {
+                    run_id: r.run.to_string(),
+                    job_id: r.job.to_string(),
+                    user_id: r.user.to_string(),
+                    created_at: Some(timestamp(r.created_at)),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_schedules(
+        &self,
+        request: Request<pb::GetSchedulesRequest>,
+    ) -> Result<Response<pb::GetSchedulesResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.get_ref();
+        let filter = FireFilter {
+            job: (!message.job_id.is_empty())
+                .then(|| parse("job_id", &message.job_id, JobId::parse))
+                .transpose()?,
+            tenant: match &caller {
+                Caller::Tenant(tenant) => Some(tenant.clone()),
+                Caller::Operator => None,
+            },
+            feature_type: (!message.feature_type.is_empty())
+                .then(|| parse("feature_type", &message.feature_type, FeatureType::parse))
+                .transpose()?,
+            user: (!message.user_id.is_empty())
+                .then(|| parse("user_id", &message.user_id, UserId::parse))
+                .transpose()?,
+        };
+        let fires = self
+            .scheduler
+            .next_fires(self.clock.now(), &filter)
+            .await
+            .map_err(app_status)?;
+        Ok(Response::new(pb::GetSchedulesResponse {
+            schedules: fires
+                .into_iter()
+                .map(|f| pb::ScheduleFire {
+                    job_id: f.job.to_string(),
+                    group: f.group,
+                    schedule: f.schedule,
+                    users: u32::try_from(f.users).unwrap_or(u32::MAX),
+                    nominal: Some(timestamp(f.nominal)),
+                    fire_at: Some(timestamp(f.fire_at)),
+                    pause_note: f.paused.unwrap_or_default(),
+                    feature_type: f.feature_type.map(|t| t.to_string()).unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+}

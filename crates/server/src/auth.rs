@@ -1,0 +1,138 @@
+//! Who is calling: bearer tokens mapped to tenants. The tenant of every call comes from the
+//! caller's token, never from the request body.
+
+use std::sync::Arc;
+
+use batch_domain::TenantId;
+use tonic::{Request, Status};
+
+/// The authenticated caller, put into each request's extensions by [`Tokens::check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// A tenant's service or user: sees that tenant only.
+    Tenant(TenantId),
+    /// An operator: sees every tenant (`*` in the token table, or the unauthenticated embedded
+    /// default on loopback).
+    Operator,
+}
+
+impl Caller {
+    /// Whether the caller may see data of `tenant`.
+    pub(crate) fn sees(&self, tenant: &TenantId) -> bool {
+        match self {
+            Caller::Tenant(own) => own == tenant,
+            Caller::Operator => true,
+        }
+    }
+}
+
+/// The token table: `token=tenant` pairs (`token=*` for operators).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tokens {
+    entries: Arc<Vec<(Vec<u8>, Caller)>>,
+}
+
+impl Tokens {
+    /// Parses `token=tenant,token=tenant,…` (whitespace around entries is ignored).
+    ///
+    /// # Errors
+    /// A message naming the entry that is not `token=tenant` or whose tenant is not an id; the
+    /// token itself is never repeated in it.
+    pub(crate) fn parse(text: &str) -> Result<Tokens, String> {
+        let mut entries = Vec::new();
+        for (n, entry) in text
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .enumerate()
+        {
+            let Some((token, tenant)) = entry.split_once('=') else {
+                return Err(format!("token entry {} is not token=tenant", n + 1));
+            };
+            let (token, tenant) = (token.trim(), tenant.trim());
+            if token.len() < 8 {
+                return Err(format!(
+                    "token entry {} is shorter than 8 characters",
+                    n + 1
+                ));
+            }
+            let caller = if tenant == "*" {
+                Caller::Operator
+            } else {
+                Caller::Tenant(
+                    TenantId::parse(tenant)
+                        .map_err(|e| format!("token entry {}: tenant: {e}", n + 1))?,
+                )
+            };
+            entries.push((token.as_bytes().to_vec(), caller));
+        }
+        Ok(Tokens {
+            entries: Arc::new(entries),
+        })
+    }
+
+    /// Whether no token is configured (the embedded default).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The caller presenting `token`, comparing in constant time against every entry.
+    fn caller(&self, token: &[u8]) -> Option<Caller> {
+        let mut found = None;
+        for (known, caller) in self.entries.iter() {
+            if constant_time_eq::constant_time_eq(known, token) && found.is_none() {
+                found = Some(caller.clone());
+            }
+        }
+        found
+    }
+
+    /// The interceptor: with tokens configured, a call without a known bearer token is
+    /// `UNAUTHENTICATED`; without tokens every caller is an operator.
+    pub(crate) fn check(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = if self.is_empty() {
+            Caller::Operator
+        } else {
+            let header = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| Status::unauthenticated("a bearer token is required"))?;
+            let token = header
+                .strip_prefix("Bearer ")
+                .or_else(|| header.strip_prefix("bearer "))
+                .ok_or_else(|| {
+                    Status::unauthenticated("the authorization is not a bearer token")
+                })?;
+            self.caller(token.trim().as_bytes())
+                .ok_or_else(|| Status::unauthenticated("unknown bearer token"))?
+        };
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_map_to_tenants_and_bad_entries_are_named_without_the_token() {
+        let tokens = Tokens::parse(" secret-acme=acme, root-token=* ,").unwrap_or_default();
+        assert_eq!(
+            tokens.caller(b"secret-acme"),
+            Some(Caller::Tenant(
+                TenantId::parse("acme").unwrap_or_else(|_| unreachable!())
+            ))
+        );
+        assert_eq!(tokens.caller(b"root-token"), Some(Caller::Operator));
+        assert_eq!(tokens.caller(b"secret-acm"), None);
+        let error = Tokens::parse("short=acme").unwrap_err();
+        assert!(
+            error.contains("entry 1") && !error.contains("short"),
+            "{error}"
+        );
+        let error = Tokens::parse("long-enough-token").unwrap_err();
+        assert!(!error.contains("long-enough"), "{error}");
+    }
+}
