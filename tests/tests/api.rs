@@ -172,6 +172,49 @@ async fn every_rpc(backend: Backend) {
         assert_eq!(code, Code::NotFound);
     }
 
+    // Runs: listed newest first, filtered, paged.
+    let listed = acme
+        .list_runs(pb::ListRunsRequest {
+            job_id: "nightly-digest".to_owned(),
+            status: "succeeded".to_owned(),
+            user_id: "u002".to_owned(),
+            ..pb::ListRunsRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .runs
+            .iter()
+            .map(|r| r.run_id.as_str())
+            .collect::<Vec<_>>(),
+        [run.run_id.as_str()]
+    );
+    assert_eq!(listed.runs[0].progress.as_ref().unwrap().succeeded, 5);
+    assert!(
+        globex
+            .list_runs(pb::ListRunsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .runs
+            .is_empty(),
+        "another tenant's runs are not listed"
+    );
+    let no_failures = status_of(
+        acme.retry_failed_items(pb::RetryFailedItemsRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await,
+    );
+    assert_eq!(no_failures.code(), Code::FailedPrecondition);
+    assert!(
+        no_failures.message().contains("no failed items"),
+        "{}",
+        no_failures.message()
+    );
+
     // Items, two at a time.
     let mut token = String::new();
     let mut keys = Vec::new();
@@ -309,6 +352,31 @@ async fn every_rpc(backend: Backend) {
     };
     let first = acme.backfill_job(range.clone()).await.unwrap().into_inner();
     assert_eq!(first.run_ids.len(), 3, "{first:?}");
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = acme
+            .list_runs(pb::ListRunsRequest {
+                job_id: "nightly-digest".to_owned(),
+                page_size: 2,
+                page_token: token.clone(),
+                ..pb::ListRunsRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        paged.extend(page.runs.into_iter().map(|r| (r.run_id, r.trigger)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        paged.len(),
+        4,
+        "one manual run and three backfills: {paged:?}"
+    );
+    assert_eq!(paged.iter().filter(|(_, t)| t == "backfill").count(), 3);
     let second = acme.backfill_job(range).await.unwrap().into_inner();
     assert!(second.run_ids.is_empty());
     assert_eq!(second.existed, 3);

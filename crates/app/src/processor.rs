@@ -20,7 +20,7 @@ use batch_domain::priority::{Aging, Waiting, fair_order};
 use batch_domain::retry::{Decision, FailureKind};
 use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
 use batch_domain::{TemplateId, UserId};
-use batch_ports::runs::{ItemOutcome, ItemRecord, NewRun, RunRecord, StoreError};
+use batch_ports::runs::{ItemOutcome, ItemRecord, NewItem, NewRun, RunRecord, StoreError};
 use batch_ports::{ExecuteError, Request, SourceError, Template};
 use chrono::{DateTime, Utc};
 use rand::SeedableRng;
@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::context::{ContextManager, progress};
 use crate::limits::RateLimit;
-use crate::strategy::{PrepareSettings, Scope, Strategies};
+use crate::strategy::{PrepareSettings, Prepared, Scope, Strategies};
 use crate::{Error, Ports};
 
 /// How a processor behaves, whatever the job.
@@ -206,6 +206,70 @@ impl BatchProcessor {
             .prepare(job, scope, &self.ports, &self.settings.prepare)
             .await?;
         scope.apply_overrides(&mut prepared.items);
+        self.store_run(job, origin, scope, prepared).await
+    }
+
+    /// Starts a run of the failed items of `run` (trigger `retry`, its parent `run`, whose
+    /// context it merges into when it ends): same keys, users and payloads, attempts from zero.
+    ///
+    /// # Errors
+    /// [`Error::Job`] when `run` has not ended or has no failed items; [`Error::Store`] when the
+    /// store fails.
+    pub async fn retry_failed(&self, job: &Job, run: &RunRecord) -> Result<RunRecord, Error> {
+        if !run.status.is_terminal() {
+            return Err(Error::Job(format!(
+                "run {} has not ended ({}); retry its failed items once it has",
+                run.id, run.status
+            )));
+        }
+        let mut items = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .ports
+                .runs
+                .list_items(&run.tenant, &run.id, Some(ItemStatus::Failed), after, 1_000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.seq);
+            items.extend(page.into_iter().map(|item| NewItem {
+                key: item.key,
+                user: item.user,
+                status: ItemStatus::Pending,
+                payload: item.payload,
+            }));
+        }
+        if items.is_empty() {
+            return Err(Error::Job(format!("run {} has no failed items", run.id)));
+        }
+        let prepared = Prepared {
+            notes: vec![format!(
+                "retry of the {} failed items of run {}",
+                items.len(),
+                run.id
+            )],
+            items,
+            ..Prepared::default()
+        };
+        let origin = Origin {
+            trigger: Trigger::Retry,
+            scheduled_for: run.scheduled_for,
+            occurrence: None,
+            group: &run.group,
+            parent: Some(run.id.clone()),
+        };
+        self.store_run(job, origin, &Scope::default(), prepared)
+            .await
+    }
+
+    /// Stores a prepared run with its items and its first context.
+    async fn store_run(
+        &self,
+        job: &Job,
+        origin: Origin<'_>,
+        scope: &Scope,
+        prepared: Prepared,
+    ) -> Result<RunRecord, Error> {
         let id = RunId::parse(uuid::Uuid::now_v7().to_string())
             .map_err(|e| Error::Job(format!("generated run id: {e}")))?;
         let run = NewRun {

@@ -992,3 +992,52 @@ async fn graceful_shutdown_finishes_the_chunk_and_releases_the_lease_at_once() {
     );
     assert_eq!(world.executor.calls().len(), 6, "no item ran twice");
 }
+
+#[tokio::test]
+async fn failed_items_are_retried_in_a_child_run_that_merges_into_the_original() {
+    let permanent: HashSet<String> = ["u0001".to_owned(), "u0002".to_owned()]
+        .into_iter()
+        .collect();
+    let world = World::new(Behaviour {
+        permanent,
+        ..Behaviour::default()
+    });
+    world.with_users(3);
+    // Runs of this job may overlap: the queued run below must not hold the retry back.
+    let job = job(json!({"overlap": "allow_all"}));
+    let processor = world.processor("p1");
+    let (first, _) = run_job(&world, &job).await;
+    assert_eq!(first.status, RunStatus::CompletedWithFailures);
+    let unfinished = start_manual(&processor, &job).await;
+    assert!(matches!(
+        processor.retry_failed(&job, &unfinished).await,
+        Err(batch_app::Error::Job(_))
+    ));
+    // The downstream is fixed; the failed items run again, alone.
+    world.executor.set_behaviour(Behaviour::default());
+    let retry = processor.retry_failed(&job, &first).await.unwrap();
+    assert_eq!(retry.trigger, Trigger::Retry);
+    assert_eq!(retry.parent.as_ref(), Some(&first.id));
+    let keys: Vec<String> = world
+        .runs
+        .items_of(&retry.id)
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+    assert_eq!(keys, ["u0001", "u0002"]);
+    let mut execution = processor.open(&job, &retry.id).await.unwrap().unwrap();
+    assert_eq!(
+        execution.run_to_completion().await.unwrap(),
+        RunStatus::Succeeded
+    );
+    let parent = world.runs.context(&job.tenant, &first.id).await.unwrap();
+    assert_eq!(
+        parent.children.len(),
+        1,
+        "the retry merged into the original"
+    );
+    let succeeded = processor
+        .retry_failed(&job, &world.runs.run(&job.tenant, &retry.id).await.unwrap())
+        .await;
+    assert!(matches!(succeeded, Err(batch_app::Error::Job(m)) if m.contains("no failed items")));
+}

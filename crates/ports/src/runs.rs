@@ -152,6 +152,32 @@ pub struct ItemOutcome {
     pub request_context: Option<Value>,
 }
 
+/// Which runs [`RunStore::list_runs`] returns; every field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only this tenant's runs.
+    pub tenant: Option<TenantId>,
+    /// Only runs of these jobs.
+    pub jobs: Option<Vec<JobId>>,
+    /// Only runs in this status.
+    pub status: Option<RunStatus>,
+    /// Only runs with an item for this user.
+    pub user: Option<UserId>,
+    /// Only runs created at or after this instant.
+    pub created_from: Option<DateTime<Utc>>,
+    /// Only runs created before this instant.
+    pub created_until: Option<DateTime<Utc>>,
+}
+
+/// Where a page of runs ended: the last run's creation instant and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCursor {
+    /// When the last run of the page was created.
+    pub created_at: DateTime<Utc>,
+    /// Its id.
+    pub run: RunId,
+}
+
 /// How busy one tenant is, for the global limit and fair sharing of run slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantLoad {
@@ -385,4 +411,15 @@ pub trait RunStore: Send + Sync {
         after_seq: Option<i64>,
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError>;
+
+    /// One page of the runs `filter` selects, newest first, after `cursor`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        cursor: Option<&RunCursor>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError>;
 }

@@ -10,11 +10,11 @@ use batch_app::processor::BatchProcessor;
 use batch_app::scheduler::{BatchScheduler, FireFilter};
 use batch_app::strategy::Scope;
 use batch_domain::config::Job;
-use batch_domain::run::{ItemStatus, RunId};
+use batch_domain::run::{ItemStatus, RunId, RunStatus};
 use batch_domain::{FeatureType, JobId, Priority, TemplateId, TenantId, UserId};
 use batch_ports::Clock;
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
-use batch_ports::runs::{RunRecord, RunStore, StoreError};
+use batch_ports::runs::{RunCursor, RunFilter, RunRecord, RunStore, StoreError};
 use batch_ports::schedules::ScheduleStore;
 use batch_proto::batch::v1 as pb;
 use batch_proto::batch::v1::batch_service_server::BatchService;
@@ -165,6 +165,24 @@ fn decode_token(token: &str) -> Result<String, Status> {
         .map(|i| u8::from_str_radix(token.get(i..i + 2).unwrap_or("zz"), 16))
         .collect();
     String::from_utf8(bytes.map_err(|_| bad())?).map_err(|_| bad())
+}
+
+/// A keyset cursor (creation instant and run) as an opaque token.
+fn encode_cursor(at: DateTime<Utc>, run: &RunId) -> String {
+    encode_token(&format!("{} {run}", at.timestamp_millis()))
+}
+
+fn decode_cursor(token: &str) -> Result<(DateTime<Utc>, RunId), Status> {
+    let bad = || Status::invalid_argument("page_token is not a token this server gave out");
+    let text = decode_token(token)?;
+    let (ms, run) = text.split_once(' ').ok_or_else(bad)?;
+    Ok((
+        ms.parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_millis)
+            .ok_or_else(bad)?,
+        RunId::parse(run).map_err(|_| bad())?,
+    ))
 }
 
 impl Api {
@@ -372,6 +390,108 @@ impl BatchService for Api {
         }))
     }
 
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.get_ref();
+        let mut jobs: Option<Vec<JobId>> = None;
+        if !message.job_id.is_empty() {
+            jobs = Some(vec![self.job(&caller, &message.job_id)?.id.clone()]);
+        }
+        if !message.feature_type.is_empty() {
+            let feature = parse("feature_type", &message.feature_type, FeatureType::parse)?;
+            let of_feature: Vec<JobId> = self
+                .jobs
+                .values()
+                .filter(|j| {
+                    j.dynamic
+                        .as_ref()
+                        .is_some_and(|d| d.feature_type == feature)
+                })
+                .map(|j| j.id.clone())
+                .filter(|id| jobs.as_ref().is_none_or(|only| only.contains(id)))
+                .collect();
+            jobs = Some(of_feature);
+        }
+        let filter = RunFilter {
+            tenant: match &caller {
+                Caller::Tenant(tenant) => Some(tenant.clone()),
+                Caller::Operator => None,
+            },
+            jobs,
+            status: (!message.status.is_empty())
+                .then(|| parse("status", &message.status, |s: &str| s.parse::<RunStatus>()))
+                .transpose()?,
+            user: (!message.user_id.is_empty())
+                .then(|| parse("user_id", &message.user_id, UserId::parse))
+                .transpose()?,
+            created_from: message
+                .created_from
+                .as_ref()
+                .map(|t| instant("created_from", Some(t)))
+                .transpose()?,
+            created_until: message
+                .created_until
+                .as_ref()
+                .map(|t| instant("created_until", Some(t)))
+                .transpose()?,
+        };
+        let cursor = (!message.page_token.is_empty())
+            .then(|| -> Result<RunCursor, Status> {
+                let (at, run) = decode_cursor(&message.page_token)?;
+                Ok(RunCursor {
+                    created_at: at,
+                    run,
+                })
+            })
+            .transpose()?;
+        let size = page_size(message.page_size);
+        let page = self
+            .store
+            .list_runs(&filter, cursor.as_ref(), size)
+            .await
+            .map_err(store_status)?;
+        let next_page_token = if page.len() == size {
+            page.last()
+                .map(|r| encode_cursor(r.created_at, &r.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut runs = Vec::with_capacity(page.len());
+        for run in &page {
+            runs.push(self.run_message(run).await?);
+        }
+        Ok(Response::new(pb::ListRunsResponse {
+            runs,
+            next_page_token,
+        }))
+    }
+
+    async fn retry_failed_items(
+        &self,
+        request: Request<pb::RetryFailedItemsRequest>,
+    ) -> Result<Response<pb::RetryFailedItemsResponse>, Status> {
+        let caller = caller(&request)?;
+        let run = self.run(&caller, &request.get_ref().run_id).await?;
+        let job = self.jobs.get(&run.job).ok_or_else(|| {
+            Status::failed_precondition(format!("job {} is no longer configured", run.job))
+        })?;
+        let retry = self
+            .processor
+            .retry_failed(job, &run)
+            .await
+            .map_err(|e| match e {
+                batch_app::Error::Job(why) => Status::failed_precondition(why),
+                other => app_status(other),
+            })?;
+        Ok(Response::new(pb::RetryFailedItemsResponse {
+            run: Some(self.run_message(&retry).await?),
+        }))
+    }
+
     async fn get_run(
         &self,
         request: Request<pb::GetRunRequest>,
@@ -540,18 +660,8 @@ impl BatchService for Api {
         };
         let cursor = (!message.page_token.is_empty())
             .then(|| -> Result<ReferenceCursor, Status> {
-                let bad =
-                    || Status::invalid_argument("page_token is not a token this server gave out");
-                let text = decode_token(&message.page_token)?;
-                let (ms, run) = text.split_once(' ').ok_or_else(bad)?;
-                Ok(ReferenceCursor {
-                    created_at: ms
-                        .parse::<i64>()
-                        .ok()
-                        .and_then(DateTime::from_timestamp_millis)
-                        .ok_or_else(bad)?,
-                    run: RunId::parse(run).map_err(|_| bad())?,
-                })
+                let (created_at, run) = decode_cursor(&message.page_token)?;
+                Ok(ReferenceCursor { created_at, run })
             })
             .transpose()?;
         let size = page_size(message.page_size);
@@ -562,7 +672,7 @@ impl BatchService for Api {
             .map_err(store_status)?;
         let next_page_token = if page.len() == size {
             page.last()
-                .map(|r| encode_token(&format!("{} {}", r.created_at.timestamp_millis(), r.run)))
+                .map(|r| encode_cursor(r.created_at, &r.run))
                 .unwrap_or_default()
         } else {
             String::new()

@@ -5,8 +5,8 @@ use batch_domain::priority::Aging;
 use batch_domain::run::{ItemCounts, ItemStatus, RunId, RunStatus};
 use batch_domain::{JobId, TenantId};
 use batch_ports::runs::{
-    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunRecord, RunStore, StoreError,
-    TenantLoad,
+    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunCursor, RunFilter, RunRecord,
+    RunStore, StoreError, TenantLoad,
 };
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait, Value};
@@ -673,6 +673,74 @@ impl RunStore for Store {
             .await
             .map_err(db_error)?;
         rows.iter().map(item_record).collect()
+    }
+
+    async fn list_runs(
+        &self,
+        filter: &RunFilter,
+        cursor: Option<&RunCursor>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut values: Vec<Value> = Vec::new();
+        let bind = |value: Value, values: &mut Vec<Value>| {
+            values.push(value);
+            format!("${}", values.len())
+        };
+        if let Some(tenant) = &filter.tenant {
+            let p = bind(text(tenant.as_str()), &mut values);
+            conditions.push(format!("tenant = {p}"));
+        }
+        if let Some(jobs) = &filter.jobs {
+            if jobs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let list: Vec<String> = jobs
+                .iter()
+                .map(|j| bind(text(j.as_str()), &mut values))
+                .collect();
+            conditions.push(format!("job_id IN ({})", list.join(", ")));
+        }
+        if let Some(status) = filter.status {
+            let p = bind(text(status.as_str()), &mut values);
+            conditions.push(format!("status = {p}"));
+        }
+        if let Some(user) = &filter.user {
+            let p = bind(text(user.as_str()), &mut values);
+            conditions.push(format!(
+                "EXISTS (SELECT 1 FROM run_items i WHERE i.run_id = runs.id AND i.user_id = {p})"
+            ));
+        }
+        if let Some(from) = filter.created_from {
+            let p = bind(big(millis(from)), &mut values);
+            conditions.push(format!("created_ms >= {p}"));
+        }
+        if let Some(until) = filter.created_until {
+            let p = bind(big(millis(until)), &mut values);
+            conditions.push(format!("created_ms < {p}"));
+        }
+        if let Some(cursor) = cursor {
+            let at = bind(big(millis(cursor.created_at)), &mut values);
+            let id = bind(text(cursor.run.as_str()), &mut values);
+            conditions.push(format!(
+                "(created_ms < {at} OR (created_ms = {at} AND id < {id}))"
+            ));
+        }
+        let limit = bind(big(i64::try_from(limit).unwrap_or(i64::MAX)), &mut values);
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY created_ms DESC, id DESC LIMIT {limit}"
+        );
+        let rows = self
+            .db
+            .query_all_raw(self.statement(&sql, values))
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(run_record).collect()
     }
 }
 

@@ -18,7 +18,9 @@ use batch_domain::{FeatureType, TemplateId, TimeOfDay};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
-use batch_ports::runs::{ItemOutcome, NewItem, NewRun, Occurrence, RunStore, StoreError};
+use batch_ports::runs::{
+    ItemOutcome, NewItem, NewRun, Occurrence, RunCursor, RunFilter, RunStore, StoreError,
+};
 use batch_ports::schedules::{Pause, ScheduleState, ScheduleStore};
 use batch_ports::{CategoryRepository, PreferenceSource, UserRepository};
 use batch_store::Store;
@@ -1360,6 +1362,78 @@ async fn pauses_are_shared_and_schedule_states_are_read_one_by_one(backend: Back
     assert_eq!(store.schedule_state(&job, "").await.unwrap(), None);
 }
 
+async fn runs_are_listed_newest_first_filtered_and_paged(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    for (id, tenant_name, job, minute) in [
+        ("r1", "acme", "job-a", 0),
+        ("r2", "acme", "job-b", 1),
+        ("r3", "globex", "job-a", 2),
+        ("r4", "acme", "job-a", 3),
+        ("r5", "acme", "job-a", 3),
+    ] {
+        let mut run = new_run(id, tenant_name, t0() + Duration::minutes(minute));
+        run.job = JobId::parse(job).unwrap();
+        let mut run_items = items(2);
+        if id == "r2" {
+            run_items[0].user = Some(UserId::parse("zed").unwrap());
+        }
+        store.create_run(run, run_items).await.unwrap();
+    }
+    let ids = |runs: Vec<batch_ports::runs::RunRecord>| -> Vec<String> {
+        runs.into_iter().map(|r| r.id.to_string()).collect()
+    };
+    let acme = RunFilter {
+        tenant: Some(tenant("acme")),
+        ..RunFilter::default()
+    };
+    assert_eq!(
+        ids(store.list_runs(&acme, None, 10).await.unwrap()),
+        ["r5", "r4", "r2", "r1"]
+    );
+    let first = store.list_runs(&acme, None, 2).await.unwrap();
+    let cursor = RunCursor {
+        created_at: first[1].created_at,
+        run: first[1].id.clone(),
+    };
+    assert_eq!(ids(first), ["r5", "r4"]);
+    assert_eq!(
+        ids(store.list_runs(&acme, Some(&cursor), 2).await.unwrap()),
+        ["r2", "r1"]
+    );
+    let narrow = RunFilter {
+        jobs: Some(vec![JobId::parse("job-a").unwrap()]),
+        created_from: Some(t0() + Duration::minutes(1)),
+        created_until: Some(t0() + Duration::minutes(3)),
+        ..RunFilter::default()
+    };
+    assert_eq!(
+        ids(store.list_runs(&narrow, None, 10).await.unwrap()),
+        ["r3"]
+    );
+    let of_zed = RunFilter {
+        user: Some(UserId::parse("zed").unwrap()),
+        status: Some(RunStatus::Queued),
+        ..acme.clone()
+    };
+    assert_eq!(
+        ids(store.list_runs(&of_zed, None, 10).await.unwrap()),
+        ["r2"]
+    );
+    let nothing = RunFilter {
+        jobs: Some(Vec::new()),
+        ..RunFilter::default()
+    };
+    assert!(
+        store
+            .list_runs(&nothing, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -1405,6 +1479,7 @@ contract_suite!(
     serial_runs_of_different_groups_run_side_by_side,
     a_heartbeat_keeps_the_chunk_items_leased,
     pauses_are_shared_and_schedule_states_are_read_one_by_one,
+    runs_are_listed_newest_first_filtered_and_paged,
 );
 
 #[tokio::test]

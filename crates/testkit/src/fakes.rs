@@ -769,6 +769,41 @@ impl RunStore for MemoryRuns {
             .cloned()
             .collect())
     }
+
+    async fn list_runs(
+        &self,
+        filter: &batch_ports::runs::RunFilter,
+        cursor: Option<&batch_ports::runs::RunCursor>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let state = lock(&self.state);
+        let mut runs: Vec<RunRecord> = state
+            .runs
+            .values()
+            .filter(|r| filter.tenant.as_ref().is_none_or(|t| &r.tenant == t))
+            .filter(|r| {
+                filter
+                    .jobs
+                    .as_ref()
+                    .is_none_or(|jobs| jobs.contains(&r.job))
+            })
+            .filter(|r| filter.status.is_none_or(|s| r.status == s))
+            .filter(|r| {
+                filter.user.as_ref().is_none_or(|user| {
+                    state.items.get(&r.id).is_some_and(|items| {
+                        items.iter().any(|(i, _)| i.user.as_ref() == Some(user))
+                    })
+                })
+            })
+            .filter(|r| filter.created_from.is_none_or(|t| r.created_at >= t))
+            .filter(|r| filter.created_until.is_none_or(|t| r.created_at < t))
+            .filter(|r| cursor.is_none_or(|c| (r.created_at, &r.id) < (c.created_at, &c.run)))
+            .cloned()
+            .collect();
+        runs.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        runs.truncate(limit);
+        Ok(runs)
+    }
 }
 
 #[async_trait]
