@@ -1,6 +1,6 @@
 //! Helpers of the end-to-end tests: start the real `batch-server` binary on port 0 with a
-//! fresh database, wait for its address, connect the generated client with a bearer token,
-//! and stop it with SIGTERM.
+//! fresh database, wait for its address, connect the generated client with a bearer token (or
+//! run the real `batchctl` against it), and stop it with SIGTERM.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader};
@@ -25,15 +25,27 @@ pub fn repo(path: &str) -> PathBuf {
 /// # Panics
 /// When it has not been built (`cargo test --workspace` builds it).
 pub fn binary() -> PathBuf {
+    built("batch-server")
+}
+
+/// The `batchctl` binary cargo built next to this test.
+///
+/// # Panics
+/// When it has not been built (`cargo test --workspace` builds it).
+pub fn batchctl() -> PathBuf {
+    built("batchctl")
+}
+
+fn built(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("locating the test binary: {e}"));
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .unwrap_or_else(|| panic!("the test binary {} has no target directory", exe.display()));
-    let binary = dir.join(format!("batch-server{}", std::env::consts::EXE_SUFFIX));
+    let binary = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         binary.exists(),
-        "{} is missing: build it with cargo build -p batch-server (cargo test --workspace does)",
+        "{} is missing: build it with cargo build -p {name} (cargo test --workspace does)",
         binary.display()
     );
     binary
