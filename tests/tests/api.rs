@@ -550,3 +550,70 @@ async fn sigterm_mid_run_exits_0_and_a_restarted_server_finishes_the_run_without
     assert!(server.terminate().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_database_away_and_back() {
+    use sea_orm::ConnectionTrait;
+    let Some(db) = database(Backend::Postgres).await else {
+        return;
+    };
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let server = Server::start(&db.url, None, &["--external-tables", "true"]);
+    let channel = tonic::transport::Channel::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status =
+        |health: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>| {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: "agent.batch.v1.BatchService".to_owned(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status
+            }
+        };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    assert_eq!(status(&mut health).await, serving);
+    let admin = sea_orm::Database::connect(batch_testkit::postgres_admin_url())
+        .await
+        .unwrap();
+    // The database goes away: no new connections, and the server's are cut.
+    admin
+        .execute_unprepared(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    admin
+        .execute_unprepared(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .await
+        .unwrap();
+    let until = |want: i32| {
+        let mut health = health.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if status(&mut health).await == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "health never became {want}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until(not_serving).await;
+    admin
+        .execute_unprepared(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    until(serving).await;
+    assert!(server.terminate().success());
+}
