@@ -502,7 +502,12 @@ async fn sigterm_mid_run_exits_0_and_a_restarted_server_finishes_the_run_without
     std::fs::create_dir_all(&dir).unwrap();
     let jobs = slow_jobs(&dir);
     let endpoint = fake.url();
-    let args = ["--request-endpoint", endpoint.as_str()];
+    let args = [
+        "--request-endpoint",
+        endpoint.as_str(),
+        "--max-watches-per-tenant",
+        "1",
+    ];
     let server = Server::start(&db.url, Some(&jobs), &args);
     let mut api = client(&server, Some("acme-token-1")).await;
     let run = api
@@ -515,6 +520,21 @@ async fn sigterm_mid_run_exits_0_and_a_restarted_server_finishes_the_run_without
         .into_inner()
         .run
         .unwrap();
+    // One watch per tenant on this server: a second one is refused until the first closes.
+    let first_watch = api
+        .watch_run(pb::WatchRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap();
+    let second = status_of(
+        api.watch_run(pb::WatchRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await,
+    );
+    assert_eq!(second.code(), Code::ResourceExhausted);
+    drop(first_watch);
     // Wait until the run is under way, then stop the server.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

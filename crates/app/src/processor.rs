@@ -666,6 +666,11 @@ impl Execution<'_> {
     /// [`Error::Store`] with [`StoreError::LeaseLost`] when another processor took the run or a
     /// chunk over (stop working on it), or when the store fails.
     pub async fn run_next_chunk(&mut self) -> Result<Step, Error> {
+        let span = tracing::info_span!("chunk", run = %self.run.id, job = %self.job.id);
+        tracing::Instrument::instrument(self.next_chunk(), span).await
+    }
+
+    async fn next_chunk(&mut self) -> Result<Step, Error> {
         let run_id = self.run.id.clone();
         if self.processor.is_cancelled(&run_id) {
             self.ports()
@@ -795,26 +800,30 @@ impl Execution<'_> {
             let executor = self.ports().executor.clone();
             let semaphore = self.semaphore.clone();
             let limiter = self.limiter.clone();
-            let handle = tasks.spawn(async move {
-                match semaphore.acquire_owned().await {
-                    Ok(_permit) => {
-                        if let Some(limiter) = &limiter {
-                            limiter.until_ready().await;
+            let span = tracing::debug_span!("item", key = %item.key, attempt = item.attempts + 1);
+            let handle = tasks.spawn(tracing::Instrument::instrument(
+                async move {
+                    match semaphore.acquire_owned().await {
+                        Ok(_permit) => {
+                            if let Some(limiter) = &limiter {
+                                limiter.until_ready().await;
+                            }
+                            match tokio::time::timeout(timeout, executor.execute(request)).await {
+                                Ok(result) => result,
+                                Err(_) => Err(ExecuteError {
+                                    kind: FailureKind::Retryable,
+                                    message: format!("timed out after {} ms", timeout.as_millis()),
+                                }),
+                            }
                         }
-                        match tokio::time::timeout(timeout, executor.execute(request)).await {
-                            Ok(result) => result,
-                            Err(_) => Err(ExecuteError {
-                                kind: FailureKind::Retryable,
-                                message: format!("timed out after {} ms", timeout.as_millis()),
-                            }),
-                        }
+                        Err(_) => Err(ExecuteError {
+                            kind: FailureKind::Retryable,
+                            message: "the processor is shutting down".to_owned(),
+                        }),
                     }
-                    Err(_) => Err(ExecuteError {
-                        kind: FailureKind::Retryable,
-                        message: "the processor is shutting down".to_owned(),
-                    }),
-                }
-            });
+                },
+                span,
+            ));
             by_task.insert(handle.id(), (item, request_context));
         }
         let mut done = Vec::with_capacity(by_task.len());

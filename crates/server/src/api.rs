@@ -3,7 +3,7 @@
 //! `NOT_FOUND` exactly like missing ones.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use batch_app::processor::BatchProcessor;
@@ -36,6 +36,28 @@ pub(crate) struct Api {
     pub(crate) processor: Arc<BatchProcessor>,
     pub(crate) store: Arc<Store>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Open WatchRun streams per caller (tenant, or `*` for operators).
+    pub(crate) watches: Arc<Mutex<HashMap<String, usize>>>,
+    /// The most WatchRun streams one caller may hold open.
+    pub(crate) max_watches: usize,
+}
+
+/// Counts one open WatchRun stream of a caller while it lives.
+struct WatchSlot {
+    watches: Arc<Mutex<HashMap<String, usize>>>,
+    caller: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut watches = self
+            .watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = watches.get_mut(&self.caller) {
+            *open = open.saturating_sub(1);
+        }
+    }
 }
 
 fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
@@ -536,6 +558,28 @@ impl BatchService for Api {
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let caller = caller(&request)?;
         let run = self.run(&caller, &request.get_ref().run_id).await?;
+        let key = match &caller {
+            Caller::Tenant(tenant) => tenant.to_string(),
+            Caller::Operator => "*".to_owned(),
+        };
+        let slot = {
+            let mut watches = self
+                .watches
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let open = watches.entry(key.clone()).or_default();
+            if *open >= self.max_watches {
+                return Err(Status::resource_exhausted(format!(
+                    "{} WatchRun streams are open for this caller already; close one first",
+                    self.max_watches
+                )));
+            }
+            *open += 1;
+            WatchSlot {
+                watches: self.watches.clone(),
+                caller: key,
+            }
+        };
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
         let store = self.store.clone();
         let clock = self.clock.clone();
@@ -546,8 +590,11 @@ impl BatchService for Api {
             processor: self.processor.clone(),
             store,
             clock,
+            watches: self.watches.clone(),
+            max_watches: self.max_watches,
         };
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last: Option<pb::Run> = None;
             loop {
                 let current = match api.store.run(&run.tenant, &run.id).await {

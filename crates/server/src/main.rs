@@ -154,13 +154,18 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr: warnings, and `info` of the service itself, unless `RUST_LOG` says
-/// otherwise.
+/// otherwise; one JSON object per line with `BATCH_LOG_FORMAT=json`, text otherwise. sqlx's
+/// statement logs stay off below warnings.
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,batch_app=info,batch_server=info")
+        tracing_subscriber::EnvFilter::new("warn,batch_app=info,batch_server=info,sqlx=warn")
     });
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("BATCH_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }

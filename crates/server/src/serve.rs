@@ -70,6 +70,9 @@ pub(crate) struct ServeArgs {
     /// How long a shutdown waits for in-flight chunks before leaving.
     #[arg(long, env = "BATCH_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub(crate) shutdown_grace_secs: u64,
+    /// The most WatchRun streams one tenant may hold open at once.
+    #[arg(long, env = "BATCH_MAX_WATCHES_PER_TENANT", default_value_t = 64)]
+    pub(crate) max_watches_per_tenant: usize,
     /// Serve gRPC server reflection.
     #[arg(long, env = "BATCH_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub(crate) reflection: bool,
@@ -224,6 +227,8 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         processor,
         store,
         clock,
+        watches: Arc::default(),
+        max_watches: args.max_watches_per_tenant,
     };
     let service = tonic::service::interceptor::InterceptedService::new(
         BatchServiceServer::new(api)
@@ -240,6 +245,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     tonic::transport::Server::builder()
+        .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         .concurrency_limit_per_connection(256)
         .max_concurrent_streams(Some(128))
         .add_service(health_service)
