@@ -20,7 +20,7 @@ use crate::schedule::Schedule;
 pub mod spec;
 mod validate;
 
-pub use validate::{parse_job, parse_jobs_file};
+pub use validate::{parse_job, parse_job_with_defaults, parse_jobs_file};
 
 /// The validated jobs file.
 #[derive(Debug, Clone, PartialEq)]

@@ -188,7 +188,36 @@ pub fn parse_jobs_file(text: &str) -> Result<JobsFile, Problems> {
 /// # Errors
 /// [`Problems`] listing every problem.
 pub fn parse_job(value: Value) -> Result<Job, Problems> {
+    parse_job_with_defaults(&Value::Null, value)
+}
+
+/// Parses and validates one job definition with the `defaults` of a jobs file (the object
+/// under its `defaults` key; `null` for none) — how the server reads jobs stored in its
+/// database. Paths in problems start at the job (`schedule.at`), or at `defaults`.
+///
+/// # Errors
+/// [`Problems`] listing every problem.
+pub fn parse_job_with_defaults(defaults_value: &Value, value: Value) -> Result<Job, Problems> {
     let mut problems = Vec::new();
+    let defaults = if defaults_value.is_null() {
+        Defaults::default()
+    } else {
+        let mut r = Reporter {
+            base: "defaults".to_owned(),
+            job: None,
+            problems: &mut problems,
+        };
+        match serde_json::from_value::<Checked<DefaultsSpec>>(defaults_value.clone()) {
+            Ok(spec) => {
+                let spec = r.take("", Some(spec)).unwrap_or_default();
+                self::defaults(&spec, &mut r)
+            }
+            Err(e) => {
+                r.report("", e);
+                Defaults::default()
+            }
+        }
+    };
     let job = {
         let mut r = Reporter {
             base: String::new(),
@@ -198,7 +227,7 @@ pub fn parse_job(value: Value) -> Result<Job, Problems> {
         match serde_json::from_value::<Checked<JobSpec>>(value) {
             Ok(spec) => r
                 .take("", Some(spec))
-                .and_then(|spec| job(spec, &Defaults::default(), &mut r)),
+                .and_then(|spec| job(spec, &defaults, &mut r)),
             Err(e) => {
                 r.report("", e);
                 None
