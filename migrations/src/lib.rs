@@ -21,6 +21,7 @@ mod m20261128_000004_item_leases;
 mod m20261128_000005_schedule_states;
 mod m20261128_000006_run_overlap;
 mod m20261128_000007_groups_and_pauses;
+mod m20261128_000008_jobs;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000005_schedule_states::Migration),
             Box::new(m20261128_000006_run_overlap::Migration),
             Box::new(m20261128_000007_groups_and_pauses::Migration),
+            Box::new(m20261128_000008_jobs::Migration),
         ]
     }
 }

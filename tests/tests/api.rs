@@ -23,6 +23,31 @@ async fn database(backend: Backend) -> Option<TestDatabase> {
     }
 }
 
+fn struct_of(value: &serde_json::Value) -> prost_types::Struct {
+    use prost_types::value::Kind;
+    fn one(value: &serde_json::Value) -> prost_types::Value {
+        let kind = match value {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+                values: items.iter().map(one).collect(),
+            }),
+            serde_json::Value::Object(_) => Kind::StructValue(struct_of(value)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    prost_types::Struct {
+        fields: value
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), one(v)))
+            .collect(),
+    }
+}
+
 fn status_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Status {
     result.expect_err("the call fails")
 }
@@ -426,6 +451,177 @@ async fn every_rpc(backend: Backend) {
     let seen = watch_to_end(&mut acme, &doomed.run_id).await;
     let last = &seen.last().unwrap().0;
     assert!(last == "cancelled" || last == "succeeded", "{seen:?}");
+
+    // Jobs through the API: created, validated like the file, updated, deleted.
+    let definition = |at: &str| {
+        let value = serde_json::json!({
+            "id": "api-digest", "type": "INDIVIDUAL_USERS", "template": "digest",
+            "source": {"users": {"ids": ["u001", "u002"]}},
+            "schedule": {"frequency": "daily", "at": at},
+        });
+        struct_of(&value)
+    };
+    let created = acme
+        .create_job(pb::CreateJobRequest {
+            definition: Some(definition("06:00")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(
+        (created.tenant_id.as_str(), created.origin.as_str()),
+        ("acme", "api")
+    );
+    assert!(created.schedule.contains("06:00"), "{created:?}");
+    assert_eq!(
+        status_of(
+            acme.create_job(pb::CreateJobRequest {
+                definition: Some(definition("06:00"))
+            })
+            .await
+        )
+        .code(),
+        Code::AlreadyExists
+    );
+    let bad = status_of(
+        acme.create_job(pb::CreateJobRequest {
+            definition: Some(definition("25:00")),
+        })
+        .await,
+    );
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("schedule.at"), "{}", bad.message());
+    let theirs = serde_json::json!({
+        "id": "sneaky", "tenant": "globex", "type": "INDIVIDUAL_USERS", "template": "digest",
+        "source": {"users": {"ids": ["u001"]}},
+    });
+    let foreign = status_of(
+        acme.create_job(pb::CreateJobRequest {
+            definition: Some(struct_of(&theirs)),
+        })
+        .await,
+    );
+    assert_eq!(foreign.code(), Code::InvalidArgument);
+    assert!(
+        foreign.message().starts_with("tenant"),
+        "{}",
+        foreign.message()
+    );
+    assert_eq!(
+        status_of(
+            globex
+                .get_job(pb::GetJobRequest {
+                    job_id: "api-digest".to_owned()
+                })
+                .await
+        )
+        .code(),
+        Code::NotFound
+    );
+    let api_run = acme
+        .trigger_job(pb::TriggerJobRequest {
+            job_id: "api-digest".to_owned(),
+            ..pb::TriggerJobRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let seen = watch_to_end(&mut acme, &api_run.run_id).await;
+    assert_eq!(
+        seen.last().unwrap(),
+        &("succeeded".to_owned(), 2),
+        "{seen:?}"
+    );
+    let updated = acme
+        .update_job(pb::UpdateJobRequest {
+            job_id: "api-digest".to_owned(),
+            definition: Some(definition("18:45")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert!(updated.schedule.contains("18:45"), "{updated:?}");
+    let fires = acme
+        .get_schedules(pb::GetSchedulesRequest {
+            job_id: "api-digest".to_owned(),
+            ..pb::GetSchedulesRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedules;
+    assert_eq!(fires.len(), 1);
+    assert!(
+        fires[0].schedule.contains("18:45"),
+        "the scheduler follows the change: {fires:?}"
+    );
+    let mut file_definition = serde_json::json!({
+        "id": "nightly-digest", "type": "INDIVIDUAL_USERS", "template": "digest",
+        "source": {"users": {"ids": ["u001"]}},
+    });
+    let file_job = status_of(
+        acme.update_job(pb::UpdateJobRequest {
+            job_id: "nightly-digest".to_owned(),
+            definition: Some(struct_of(&file_definition)),
+        })
+        .await,
+    );
+    assert_eq!(
+        file_job.code(),
+        Code::FailedPrecondition,
+        "{}",
+        file_job.message()
+    );
+    assert!(
+        file_job.message().contains("jobs file"),
+        "{}",
+        file_job.message()
+    );
+    file_definition["id"] = serde_json::json!("other-id");
+    let renamed = status_of(
+        acme.update_job(pb::UpdateJobRequest {
+            job_id: "nightly-digest".to_owned(),
+            definition: Some(struct_of(&file_definition)),
+        })
+        .await,
+    );
+    assert_eq!(renamed.code(), Code::InvalidArgument);
+    assert!(
+        renamed.message().starts_with("id:"),
+        "{}",
+        renamed.message()
+    );
+    assert_eq!(
+        status_of(
+            acme.delete_job(pb::DeleteJobRequest {
+                job_id: "nightly-digest".to_owned()
+            })
+            .await
+        )
+        .code(),
+        Code::FailedPrecondition
+    );
+    acme.delete_job(pb::DeleteJobRequest {
+        job_id: "api-digest".to_owned(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status_of(
+            acme.get_job(pb::GetJobRequest {
+                job_id: "api-digest".to_owned()
+            })
+            .await
+        )
+        .code(),
+        Code::NotFound
+    );
 
     // Without a token, or with a wrong one: UNAUTHENTICATED.
     let mut anonymous = client(&server, None).await;

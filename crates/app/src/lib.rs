@@ -8,6 +8,7 @@
 //! * [`context::ContextManager`] keeps each run's batch context.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod context;
 mod limits;
 pub mod processor;

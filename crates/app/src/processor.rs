@@ -29,6 +29,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::catalog::JobCatalog;
 use crate::context::{ContextManager, progress};
 use crate::limits::RateLimit;
 use crate::strategy::{PrepareSettings, Prepared, Scope, Strategies};
@@ -386,14 +387,15 @@ impl BatchProcessor {
         Ok(None)
     }
 
-    /// Claims and runs runs in `slots` concurrent slots until `stop` turns true; a slot with
+    /// Claims and runs runs of the jobs of `jobs` (as it is at each claim) in `slots`
+    /// concurrent slots until `stop` turns true; a slot with
     /// nothing to claim waits `idle_wait` on the clock. On stop, each slot finishes the chunk
     /// it is executing, records it and releases its run's lease, so another replica resumes
     /// the run at once. A store failure is logged and the slot tries again after `idle_wait`
     /// (a database that went away loses no work: leases expire and are rescued).
     pub async fn work_until_stopped(
         self: Arc<Self>,
-        jobs: Arc<HashMap<batch_domain::JobId, Job>>,
+        jobs: Arc<JobCatalog>,
         slots: usize,
         idle_wait: Duration,
         stop: watch::Receiver<bool>,
@@ -405,7 +407,7 @@ impl BatchProcessor {
             let mut stop = stop.clone();
             set.spawn(async move {
                 while !*stop.borrow() {
-                    let idle = match processor.claim_next(&jobs).await {
+                    let idle = match processor.claim_next(&jobs.jobs()).await {
                         Ok(Some(mut execution)) => {
                             if let Err(e) = execution.run_until_stopped(stop.clone()).await {
                                 tracing::warn!(run = %execution.run().id, error = %e, "run interrupted");

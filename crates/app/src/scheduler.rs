@@ -30,6 +30,7 @@ use chrono::{DateTime, Duration, Utc};
 use tokio::sync::Mutex;
 
 use crate::Error;
+use crate::catalog::JobCatalog;
 use crate::processor::BatchProcessor;
 use crate::strategy::Scope;
 
@@ -133,6 +134,8 @@ struct Members {
 /// In-memory view of every schedule, with the due order.
 #[derive(Default)]
 struct Index {
+    /// The catalog version the index was built from.
+    version: u64,
     units: HashMap<Key, Unit>,
     due: BTreeSet<(DateTime<Utc>, Key)>,
     members: HashMap<JobId, Members>,
@@ -143,7 +146,7 @@ struct Index {
 pub struct BatchScheduler {
     processor: Arc<BatchProcessor>,
     schedules: Arc<dyn ScheduleStore>,
-    jobs: HashMap<JobId, Job>,
+    catalog: Arc<JobCatalog>,
     index: Mutex<Option<Index>>,
 }
 
@@ -200,23 +203,51 @@ impl BatchScheduler {
         schedules: Arc<dyn ScheduleStore>,
         jobs: &[Job],
     ) -> Self {
-        let jobs = jobs
-            .iter()
-            .filter(|j| j.enabled)
-            .map(|j| (j.id.clone(), j.clone()))
-            .collect();
+        Self::with_catalog(processor, schedules, Arc::new(JobCatalog::new(jobs)))
+    }
+
+    /// A scheduler for the enabled jobs of `catalog`, following its changes: when its version
+    /// moves, the next tick rebuilds the schedules from the new jobs (durable states carry
+    /// over, so nothing fires twice).
+    pub fn with_catalog(
+        processor: Arc<BatchProcessor>,
+        schedules: Arc<dyn ScheduleStore>,
+        catalog: Arc<JobCatalog>,
+    ) -> Self {
         BatchScheduler {
             processor,
             schedules,
-            jobs,
+            catalog,
             index: Mutex::new(None),
         }
     }
 
-    fn job(&self, id: &JobId) -> Result<&Job, Error> {
-        self.jobs
+    /// The enabled job `id` of the current catalog.
+    fn job(&self, id: &JobId) -> Result<Job, Error> {
+        self.catalog
+            .jobs()
             .get(id)
+            .filter(|j| j.enabled)
+            .cloned()
             .ok_or_else(|| Error::Job(format!("unknown or disabled job {id}")))
+    }
+
+    /// The index, rebuilt when missing or built from an older catalog.
+    async fn ensure_index<'a>(
+        &self,
+        guard: &'a mut Option<Index>,
+        now: DateTime<Utc>,
+    ) -> Result<&'a mut Index, Error> {
+        let version = self.catalog.version();
+        if guard.as_ref().is_none_or(|index| index.version != version) {
+            let mut index = self.load(now).await?;
+            index.version = version;
+            self.watch_preferences(&mut index, now).await?;
+            *guard = Some(index);
+        }
+        guard
+            .as_mut()
+            .ok_or_else(|| Error::Job("the schedule index is missing".to_owned()))
     }
 
     /// Where a schedule starts: its stored state when that still belongs to the schedule;
@@ -285,7 +316,8 @@ impl BatchScheduler {
             })
             .collect();
         let mut index = Index::default();
-        for job in self.jobs.values() {
+        let jobs = self.catalog.jobs();
+        for job in jobs.values().filter(|j| j.enabled) {
             if job.dynamic.is_some() {
                 index.members.insert(job.id.clone(), Members::default());
                 continue;
@@ -324,9 +356,10 @@ impl BatchScheduler {
         now: DateTime<Utc>,
     ) -> Result<usize, Error> {
         let mut applied = 0;
+        let jobs = self.catalog.jobs();
         let dynamic: Vec<JobId> = index.members.keys().cloned().collect();
         for job_id in dynamic {
-            let Some(job) = self.jobs.get(&job_id) else {
+            let Some(job) = jobs.get(&job_id) else {
                 continue;
             };
             let Some(dynamic) = &job.dynamic else {
@@ -466,16 +499,12 @@ impl BatchScheduler {
     /// tick tries it again (occurrences already created are not created twice).
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<TickReport, Error> {
         let mut guard = self.index.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.load(now).await?);
-        }
-        let Some(index) = guard.as_mut() else {
-            return Ok(TickReport::default());
-        };
+        let index = self.ensure_index(&mut guard, now).await?;
         let mut report = TickReport {
             preference_changes: self.watch_preferences(index, now).await?,
             ..TickReport::default()
         };
+        let jobs = self.catalog.jobs();
         index.paused = self
             .schedules
             .paused_jobs()
@@ -490,7 +519,7 @@ impl BatchScheduler {
             let Some(unit) = index.remove(&key) else {
                 continue;
             };
-            let Some(job) = self.jobs.get(&key.job) else {
+            let Some(job) = jobs.get(&key.job).filter(|j| j.enabled) else {
                 continue;
             };
             let paused = index.paused.contains_key(&key.job);
@@ -656,7 +685,7 @@ impl BatchScheduler {
     ) -> Result<batch_ports::runs::RunRecord, Error> {
         let job = self.job(job)?;
         self.processor
-            .start(job, Trigger::Manual, None, scope, None)
+            .start(&job, Trigger::Manual, None, scope, None)
             .await
     }
 
@@ -689,14 +718,7 @@ impl BatchScheduler {
         let mut instants: Vec<(DateTime<Utc>, String, Scope)> = Vec::new();
         {
             let mut guard = self.index.lock().await;
-            if guard.is_none() {
-                let mut index = self.load(now).await?;
-                self.watch_preferences(&mut index, now).await?;
-                *guard = Some(index);
-            }
-            let Some(index) = guard.as_ref() else {
-                return Ok(Backfill::default());
-            };
+            let index = self.ensure_index(&mut guard, now).await?;
             let mut units: Vec<(&Key, &Unit)> = index
                 .units
                 .iter()
@@ -780,14 +802,7 @@ impl BatchScheduler {
         filter: &FireFilter,
     ) -> Result<Vec<NextFire>, Error> {
         let mut guard = self.index.lock().await;
-        if guard.is_none() {
-            let mut index = self.load(now).await?;
-            self.watch_preferences(&mut index, now).await?;
-            *guard = Some(index);
-        }
-        let Some(index) = guard.as_mut() else {
-            return Ok(Vec::new());
-        };
+        let index = self.ensure_index(&mut guard, now).await?;
         // Pauses are read fresh: another replica (or an API call) may have just paused a job.
         index.paused = self
             .schedules
@@ -808,9 +823,10 @@ impl BatchScheduler {
                 })
                 .collect()
         });
+        let jobs = self.catalog.jobs();
         let mut out = Vec::new();
         for (fire_at, key) in &index.due {
-            let (Some(job), Some(unit)) = (self.jobs.get(&key.job), index.units.get(key)) else {
+            let (Some(job), Some(unit)) = (jobs.get(&key.job), index.units.get(key)) else {
                 continue;
             };
             let feature_type = job.dynamic.as_ref().map(|d| d.feature_type.clone());

@@ -958,7 +958,9 @@ async fn graceful_shutdown_finishes_the_chunk_and_releases_the_lease_at_once() {
         6,
         json!({"overlap": "allow_all", "execution": {"concurrency": 1, "chunk_size": 2}}),
     );
-    let jobs = Arc::new(jobs_map(&[&job]));
+    let jobs = Arc::new(batch_app::catalog::JobCatalog::new(std::slice::from_ref(
+        &job,
+    )));
     let owner = world.processor_with(settings("p1"));
     let run = start_manual(&owner, &job).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -985,7 +987,7 @@ async fn graceful_shutdown_finishes_the_chunk_and_releases_the_lease_at_once() {
     assert!(record.lease.is_none(), "the lease was released");
     // Another replica resumes at once, without waiting for a lease to expire.
     let rescuer = world.processor_with(settings("p2"));
-    let mut resumed = rescuer.claim_next(&jobs).await.unwrap().unwrap();
+    let mut resumed = rescuer.claim_next(&jobs.jobs()).await.unwrap().unwrap();
     assert_eq!(
         resumed.run_to_completion().await.unwrap(),
         RunStatus::Succeeded

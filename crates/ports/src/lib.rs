@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod contexts;
+pub mod jobs;
 pub mod runs;
 pub mod schedules;
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use batch_app::catalog::JobCatalog;
 use batch_app::processor::BatchProcessor;
 use batch_app::scheduler::{BatchScheduler, FireFilter};
 use batch_app::strategy::Scope;
@@ -14,6 +15,7 @@ use batch_domain::run::{ItemStatus, RunId, RunStatus};
 use batch_domain::{FeatureType, JobId, Priority, TemplateId, TenantId, UserId};
 use batch_ports::Clock;
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
+use batch_ports::jobs::{JobDefinition, JobStore};
 use batch_ports::runs::{RunCursor, RunFilter, RunRecord, RunStore, StoreError};
 use batch_ports::schedules::ScheduleStore;
 use batch_proto::batch::v1 as pb;
@@ -31,7 +33,9 @@ const MAX_PAGE: usize = 1_000;
 
 /// What the handlers work with.
 pub(crate) struct Api {
-    pub(crate) jobs: Arc<HashMap<JobId, Job>>,
+    pub(crate) jobs: Arc<JobCatalog>,
+    /// The jobs file's `defaults`, applied to every stored definition.
+    pub(crate) defaults: Arc<Value>,
     pub(crate) scheduler: Arc<BatchScheduler>,
     pub(crate) processor: Arc<BatchProcessor>,
     pub(crate) store: Arc<Store>,
@@ -208,23 +212,53 @@ fn decode_cursor(token: &str) -> Result<(DateTime<Utc>, RunId), Status> {
 }
 
 impl Api {
-    fn job(&self, caller: &Caller, id: &str) -> Result<&Job, Status> {
+    fn job(&self, caller: &Caller, id: &str) -> Result<Job, Status> {
         let id = parse("job_id", id, JobId::parse)?;
         self.jobs
+            .jobs()
             .get(&id)
             .filter(|job| caller.sees(&job.tenant))
+            .cloned()
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
-    async fn job_message(&self, job: &Job) -> Result<pb::Job, Status> {
-        let pause = self
+    /// The stored definitions, by job.
+    async fn definitions(&self) -> Result<HashMap<JobId, JobDefinition>, Status> {
+        Ok(self
             .store
-            .paused_jobs()
+            .job_definitions()
             .await
             .map_err(store_status)?
+            .0
             .into_iter()
-            .find(|p| p.job == job.id);
-        Ok(pb::Job {
+            .map(|d| (d.id.clone(), d))
+            .collect())
+    }
+
+    async fn job_message(&self, job: &Job) -> Result<pb::Job, Status> {
+        let definitions = self.definitions().await?;
+        let pauses = self.store.paused_jobs().await.map_err(store_status)?;
+        Ok(job_message(job, &definitions, &pauses))
+    }
+
+    /// Reloads the catalog after a change made here, so the answer (and this replica) see it
+    /// at once; other replicas follow the catalog version.
+    async fn reload(&self) -> Result<(), Status> {
+        crate::jobs::reload(self.store.as_ref(), &self.jobs, &self.defaults)
+            .await
+            .map_err(store_status)
+    }
+}
+
+fn job_message(
+    job: &Job,
+    definitions: &HashMap<JobId, JobDefinition>,
+    pauses: &[batch_ports::schedules::Pause],
+) -> pb::Job {
+    let pause = pauses.iter().find(|p| p.job == job.id).cloned();
+    let stored = definitions.get(&job.id);
+    {
+        pb::Job {
             job_id: job.id.to_string(),
             tenant_id: job.tenant.to_string(),
             r#type: job.batch_type.to_string(),
@@ -242,15 +276,26 @@ impl Api {
                 .unwrap_or_default(),
             priority: u32::from(job.priority.value()),
             description: job.description.clone().unwrap_or_default(),
-        })
+            definition: stored.and_then(|d| to_struct(&d.definition)),
+            origin: stored
+                .map(|d| d.origin.as_str().to_owned())
+                .unwrap_or_default(),
+        }
     }
+}
 
+impl Api {
     /// The run `id` if the caller may see it.
     async fn run(&self, caller: &Caller, id: &str) -> Result<RunRecord, Status> {
         let id = parse("run_id", id, RunId::parse)?;
         let tenants: BTreeSet<TenantId> = match caller {
             Caller::Tenant(tenant) => [tenant.clone()].into(),
-            Caller::Operator => self.jobs.values().map(|j| j.tenant.clone()).collect(),
+            Caller::Operator => self
+                .jobs
+                .jobs()
+                .values()
+                .map(|j| j.tenant.clone())
+                .collect(),
         };
         for tenant in tenants {
             match self.store.run(&tenant, &id).await {
@@ -295,16 +340,15 @@ impl BatchService for Api {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let caller = caller(&request)?;
-        let mut visible: Vec<&Job> = self
-            .jobs
-            .values()
-            .filter(|j| caller.sees(&j.tenant))
-            .collect();
+        let all = self.jobs.jobs();
+        let mut visible: Vec<&Job> = all.values().filter(|j| caller.sees(&j.tenant)).collect();
         visible.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut jobs = Vec::with_capacity(visible.len());
-        for job in visible {
-            jobs.push(self.job_message(job).await?);
-        }
+        let definitions = self.definitions().await?;
+        let pauses = self.store.paused_jobs().await.map_err(store_status)?;
+        let jobs = visible
+            .into_iter()
+            .map(|job| job_message(job, &definitions, &pauses))
+            .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
@@ -315,8 +359,90 @@ impl BatchService for Api {
         let caller = caller(&request)?;
         let job = self.job(&caller, &request.get_ref().job_id)?;
         Ok(Response::new(pb::GetJobResponse {
-            job: Some(self.job_message(job).await?),
+            job: Some(self.job_message(&job).await?),
         }))
+    }
+
+    async fn create_job(
+        &self,
+        request: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::CreateJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let definition = request
+            .get_ref()
+            .definition
+            .as_ref()
+            .map(from_struct)
+            .ok_or_else(|| Status::invalid_argument("definition is required"))?;
+        let tenant = match &caller {
+            Caller::Tenant(tenant) => Some(tenant),
+            Caller::Operator => None,
+        };
+        let stored = crate::jobs::checked(definition, tenant, None, &self.defaults)
+            .map_err(Status::invalid_argument)?;
+        self.store.create_job(&stored).await.map_err(store_status)?;
+        self.reload().await?;
+        let job = self.job(&caller, stored.id.as_str())?;
+        Ok(Response::new(pb::CreateJobResponse {
+            job: Some(self.job_message(&job).await?),
+        }))
+    }
+
+    async fn update_job(
+        &self,
+        request: Request<pb::UpdateJobRequest>,
+    ) -> Result<Response<pb::UpdateJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let message = request.get_ref();
+        let existing = self.job(&caller, &message.job_id)?;
+        let definition = message
+            .definition
+            .as_ref()
+            .map(from_struct)
+            .ok_or_else(|| Status::invalid_argument("definition is required"))?;
+        let stored = crate::jobs::checked(
+            definition,
+            Some(&existing.tenant),
+            Some(&existing.id),
+            &self.defaults,
+        )
+        .map_err(Status::invalid_argument)?;
+        match self.store.update_job(&stored).await {
+            Ok(()) => {}
+            Err(StoreError::NotFound(_)) => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} comes from the jobs file; change it there",
+                    existing.id
+                )));
+            }
+            Err(e) => return Err(store_status(e)),
+        }
+        self.reload().await?;
+        let job = self.job(&caller, existing.id.as_str())?;
+        Ok(Response::new(pb::UpdateJobResponse {
+            job: Some(self.job_message(&job).await?),
+        }))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let caller = caller(&request)?;
+        let job = self.job(&caller, &request.get_ref().job_id)?;
+        if !self
+            .store
+            .delete_job(&job.tenant, &job.id)
+            .await
+            .map_err(store_status)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "job {} comes from the jobs file; remove it there",
+                job.id
+            )));
+        }
+        self.reload().await?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
     }
 
     async fn pause_job(
@@ -330,7 +456,7 @@ impl BatchService for Api {
             .await
             .map_err(app_status)?;
         Ok(Response::new(pb::PauseJobResponse {
-            job: Some(self.job_message(job).await?),
+            job: Some(self.job_message(&job).await?),
         }))
     }
 
@@ -342,7 +468,7 @@ impl BatchService for Api {
         let job = self.job(&caller, &request.get_ref().job_id)?;
         let was_paused = self.scheduler.resume(&job.id).await.map_err(app_status)?;
         Ok(Response::new(pb::ResumeJobResponse {
-            job: Some(self.job_message(job).await?),
+            job: Some(self.job_message(&job).await?),
             was_paused,
         }))
     }
@@ -426,6 +552,7 @@ impl BatchService for Api {
             let feature = parse("feature_type", &message.feature_type, FeatureType::parse)?;
             let of_feature: Vec<JobId> = self
                 .jobs
+                .jobs()
                 .values()
                 .filter(|j| {
                     j.dynamic
@@ -498,12 +625,12 @@ impl BatchService for Api {
     ) -> Result<Response<pb::RetryFailedItemsResponse>, Status> {
         let caller = caller(&request)?;
         let run = self.run(&caller, &request.get_ref().run_id).await?;
-        let job = self.jobs.get(&run.job).ok_or_else(|| {
+        let job = self.jobs.jobs().get(&run.job).cloned().ok_or_else(|| {
             Status::failed_precondition(format!("job {} is no longer configured", run.job))
         })?;
         let retry = self
             .processor
-            .retry_failed(job, &run)
+            .retry_failed(&job, &run)
             .await
             .map_err(|e| match e {
                 batch_app::Error::Job(why) => Status::failed_precondition(why),
@@ -586,6 +713,7 @@ impl BatchService for Api {
         let mut events = self.processor.subscribe(&run.id);
         let api = Api {
             jobs: self.jobs.clone(),
+            defaults: self.defaults.clone(),
             scheduler: self.scheduler.clone(),
             processor: self.processor.clone(),
             store,

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod api;
 mod auth;
 mod check_config;
+mod jobs;
 mod run;
 mod serve;
 mod wiring;

@@ -3,7 +3,6 @@
 //! reflection, and on SIGTERM or SIGINT stops claiming work, lets in-flight chunks finish and
 //! releases their leases within the grace period, then exits 0.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,16 +10,19 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use batch_app::Ports;
+use batch_app::catalog::JobCatalog;
 use batch_app::processor::{BatchProcessor, ProcessorSettings};
 use batch_app::scheduler::BatchScheduler;
 use batch_app::strategy::Strategies;
 use batch_domain::config::parse_jobs_file;
+use batch_ports::jobs::JobStore;
 use batch_ports::{Clock, SystemClock};
 use batch_proto::batch::v1::batch_service_server::BatchServiceServer;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::Api;
 use crate::auth::Tokens;
+use crate::jobs;
 use crate::wiring::{self, SiblingArgs};
 
 /// What `serve` needs to know.
@@ -147,17 +149,22 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..ProcessorSettings::default()
         },
     ));
-    let scheduler = Arc::new(BatchScheduler::new(
+    // The file's jobs go into the job table; the catalog holds what the table holds.
+    let (definitions, defaults) = jobs::file_definitions(&text, &file)?;
+    store
+        .sync_file_jobs(&definitions)
+        .await
+        .context("writing the jobs file into the job table")?;
+    let defaults = Arc::new(defaults);
+    let catalog = Arc::new(JobCatalog::default());
+    jobs::reload(store.as_ref(), &catalog, &defaults)
+        .await
+        .context("loading the job table")?;
+    let scheduler = Arc::new(BatchScheduler::with_catalog(
         processor.clone(),
         store.clone(),
-        &file.jobs,
+        catalog.clone(),
     ));
-    let jobs: Arc<HashMap<_, _>> = Arc::new(
-        file.jobs
-            .iter()
-            .map(|j| (j.id.clone(), j.clone()))
-            .collect(),
-    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BatchServiceServer<Api>>().await;
@@ -179,7 +186,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("reading the listening address")?;
     // Tests and scripts read the address from this line.
     println!("batch-server listening on {addr}");
-    tracing::info!(%addr, jobs = jobs.len(), "serving");
+    tracing::info!(%addr, jobs = catalog.jobs().len(), "serving");
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let tick = Duration::from_millis(args.tick_ms.max(10));
@@ -188,8 +195,16 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let stopped = stopped.clone();
         tokio::spawn(async move { scheduler.run_until_stopped(tick, stopped).await })
     };
+    let following = tokio::spawn(jobs::follow(
+        store.clone(),
+        catalog.clone(),
+        defaults.clone(),
+        clock.clone(),
+        tick,
+        stopped.clone(),
+    ));
     let working = tokio::spawn(processor.clone().work_until_stopped(
-        jobs.clone(),
+        catalog.clone(),
         args.slots,
         tick,
         stopped.clone(),
@@ -222,7 +237,8 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let api = Api {
-        jobs,
+        jobs: catalog,
+        defaults,
         scheduler,
         processor,
         store,
@@ -258,6 +274,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     let finished = tokio::time::timeout(grace, async {
         let _ = scheduling.await;
+        let _ = following.await;
         let _ = working.await;
         let _ = watching_health.await;
     })

@@ -19,6 +19,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, Statement
 mod categories;
 mod contexts;
 mod convert;
+mod jobs;
 mod preferences;
 mod sample;
 mod schedules;

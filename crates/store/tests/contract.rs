@@ -18,6 +18,7 @@ use batch_domain::{FeatureType, TemplateId, TimeOfDay};
 use batch_domain::{JobId, Priority, TenantId, UserId};
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
+use batch_ports::jobs::{JobDefinition, JobOrigin, JobStore};
 use batch_ports::runs::{
     ItemOutcome, NewItem, NewRun, Occurrence, RunCursor, RunFilter, RunStore, StoreError,
 };
@@ -1434,6 +1435,84 @@ async fn runs_are_listed_newest_first_filtered_and_paged(backend: Backend) {
     );
 }
 
+async fn job_definitions_sync_from_the_file_and_change_through_the_api(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let definition = |id: &str, origin| JobDefinition {
+        id: JobId::parse(id).unwrap(),
+        tenant: tenant("acme"),
+        definition: json!({"id": id, "marker": 1}),
+        origin,
+    };
+    let v0 = store.catalog_version().await.unwrap();
+    store
+        .sync_file_jobs(&[
+            definition("a", JobOrigin::File),
+            definition("b", JobOrigin::File),
+        ])
+        .await
+        .unwrap();
+    store
+        .create_job(&definition("c", JobOrigin::Api))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_job(&definition("a", JobOrigin::Api)).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let (all, v1) = store.job_definitions().await.unwrap();
+    assert!(v1 > v0);
+    let ids: Vec<(String, JobOrigin)> = all.iter().map(|d| (d.id.to_string(), d.origin)).collect();
+    assert_eq!(
+        ids,
+        [
+            ("a".to_owned(), JobOrigin::File),
+            ("b".to_owned(), JobOrigin::File),
+            ("c".to_owned(), JobOrigin::Api)
+        ]
+    );
+    // A new file drops b, keeps the API's c.
+    store
+        .sync_file_jobs(&[definition("a", JobOrigin::File)])
+        .await
+        .unwrap();
+    let (all, v2) = store.job_definitions().await.unwrap();
+    assert!(v2 > v1);
+    assert_eq!(all.len(), 2);
+    // File jobs are not the API's to change.
+    assert!(matches!(
+        store.update_job(&definition("a", JobOrigin::Api)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(
+        !store
+            .delete_job(&tenant("acme"), &JobId::parse("a").unwrap())
+            .await
+            .unwrap()
+    );
+    let mut changed = definition("c", JobOrigin::Api);
+    changed.definition = json!({"id": "c", "marker": 2});
+    store.update_job(&changed).await.unwrap();
+    assert!(
+        !store
+            .delete_job(&tenant("globex"), &JobId::parse("c").unwrap())
+            .await
+            .unwrap(),
+        "another tenant's job is not found"
+    );
+    let (all, _) = store.job_definitions().await.unwrap();
+    assert_eq!(all[1].definition["marker"], 2);
+    assert!(
+        store
+            .delete_job(&tenant("acme"), &JobId::parse("c").unwrap())
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.job_definitions().await.unwrap().0.len(), 1);
+    assert!(store.catalog_version().await.unwrap() > v2);
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -1480,6 +1559,7 @@ contract_suite!(
     a_heartbeat_keeps_the_chunk_items_leased,
     pauses_are_shared_and_schedule_states_are_read_one_by_one,
     runs_are_listed_newest_first_filtered_and_paged,
+    job_definitions_sync_from_the_file_and_change_through_the_api,
 );
 
 #[tokio::test]

@@ -723,15 +723,22 @@ fn the_shipped_example_is_valid_and_covers_every_type_and_schedule_form() {
 fn one_job_parses_with_the_defaults_of_a_file_and_paths_start_at_the_job() {
     let defaults = json!({"timezone": "Europe/Berlin", "priority": "high"});
     let job = parse_job_with_defaults(&defaults, with("/schedule/timezone", Value::Null)).unwrap();
-    assert_eq!(job.schedule.as_ref().unwrap().zone.to_string(), "Europe/Berlin");
+    assert_eq!(
+        job.schedule.as_ref().unwrap().zone.to_string(),
+        "Europe/Berlin"
+    );
     assert_eq!(job.priority, Priority::HIGH);
     let problems = parse_job_with_defaults(&defaults, with("/schedule/at", json!("25:00")))
         .unwrap_err()
         .0;
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].path, "schedule.at");
-    let broken = parse_job_with_defaults(&json!({"timezone": "Mars/Base"}), with("/id", json!("x")))
-        .unwrap_err()
-        .0;
-    assert!(broken.iter().any(|p| p.path == "defaults.timezone"), "{broken:?}");
+    let broken =
+        parse_job_with_defaults(&json!({"timezone": "Mars/Base"}), with("/id", json!("x")))
+            .unwrap_err()
+            .0;
+    assert!(
+        broken.iter().any(|p| p.path == "defaults.timezone"),
+        "{broken:?}"
+    );
 }
