@@ -833,3 +833,43 @@ async fn health_follows_the_database_away_and_back() {
     until(serving).await;
     assert!(server.terminate().success());
 }
+
+#[test]
+fn a_broken_settings_file_is_named_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("batch-e2e-settings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("server.toml");
+    std::fs::write(&file, "slots = 2\nlisten_address = \"0.0.0.0:1\"\n").unwrap();
+    let output = std::process::Command::new(batch_e2e::binary())
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env_remove("BATCH_CONFIG")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("server.toml") && stderr.contains("listen_address"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn migrate_brings_a_fresh_database_up_to_date() {
+    let dir = std::env::temp_dir().join(format!("batch-e2e-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.join("fresh.db").display());
+    let output = std::process::Command::new(batch_e2e::binary())
+        .args(["migrate", "--database-url", &url])
+        .env_remove("BATCH_DATABASE_URL")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("migrated"));
+}

@@ -127,9 +127,9 @@ mod tests {
         );
         assert_eq!(tokens.caller(b"root-token"), Some(Caller::Operator));
         assert_eq!(tokens.caller(b"secret-acm"), None);
-        let error = Tokens::parse("short=acme").unwrap_err();
+        let error = Tokens::parse("tiny=acme").unwrap_err();
         assert!(
-            error.contains("entry 1") && !error.contains("short"),
+            error.contains("entry 1") && !error.contains("tiny"),
             "{error}"
         );
         let error = Tokens::parse("long-enough-token").unwrap_err();

@@ -17,6 +17,7 @@ mod check_config;
 mod jobs;
 mod run;
 mod serve;
+mod settings;
 mod wiring;
 
 /// The agent-batch server.
@@ -95,9 +96,29 @@ fn main() -> ExitCode {
     if argv.len() == 1 {
         argv.push("serve".into());
     }
-    match Cli::parse_from(argv).command {
-        Command::Serve(args) => {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches_from(argv);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
+        Command::Serve(mut args) => {
             init_logs();
+            let (path, required) = match &args.config {
+                Some(path) => (path.clone(), true),
+                None => (PathBuf::from("config/server.toml"), false),
+            };
+            match settings::SettingsFile::read(&path, required) {
+                Ok(file) => {
+                    if let Some(serve) = matches.subcommand_matches("serve") {
+                        file.apply(&mut args, serve);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            }
             block_on(serve::serve(*args))
         }
         Command::Migrate {

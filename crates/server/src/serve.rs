@@ -28,6 +28,10 @@ use crate::wiring::{self, SiblingArgs};
 /// What `serve` needs to know.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ServeArgs {
+    /// The settings file (default `config/server.toml` when it exists); flags and environment
+    /// variables win over it.
+    #[arg(long, env = "BATCH_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
     /// The address to listen on (port 0 for any free port; the address is printed).
     #[arg(long, env = "BATCH_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
     pub(crate) listen: SocketAddr,
