@@ -730,7 +730,6 @@ async fn sigterm_mid_run_exits_0_and_a_restarted_server_finishes_the_run_without
         .await,
     );
     assert_eq!(second.code(), Code::ResourceExhausted);
-    drop(first_watch);
     // Wait until the run is under way, then stop the server.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -740,8 +739,24 @@ async fn sigterm_mid_run_exits_0_and_a_restarted_server_finishes_the_run_without
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // An open watch does not hold the shutdown up: it ends with UNAVAILABLE.
     let status = server.terminate();
     assert!(status.success(), "exit {status:?}");
+    let mut first_watch = first_watch.into_inner();
+    let ended = loop {
+        match first_watch.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break None,
+            Err(status) => break Some(status.code()),
+        }
+    };
+    assert!(
+        matches!(
+            ended,
+            Some(Code::Unavailable | Code::Cancelled | Code::Unknown) | None
+        ),
+        "{ended:?}"
+    );
     let before_restart = requests.calls().len();
     assert!(
         before_restart < 39,

@@ -33,8 +33,10 @@ pub enum BreakerState {
     Closed(u32),
     /// Calls are rejected until this instant.
     Open(DateTime<Utc>),
-    /// One probe call is in flight; the others are rejected until it answers.
-    HalfOpen,
+    /// One probe call is in flight since this instant; the others are rejected until it
+    /// answers — or until a cool-down has passed without an answer (a probe that was cancelled
+    /// never answers), when another probe may go.
+    HalfOpen(DateTime<Utc>),
 }
 
 /// A circuit breaker shared by every call to one downstream.
@@ -92,12 +94,16 @@ impl CircuitBreaker {
         match *state {
             BreakerState::Closed(_) => Ok(()),
             BreakerState::Open(until) if now >= until => {
-                *state = BreakerState::HalfOpen;
+                *state = BreakerState::HalfOpen(now);
                 Ok(())
             }
             BreakerState::Open(until) => Err(Open { until }),
-            BreakerState::HalfOpen => Err(Open {
-                until: now + self.cool_down(),
+            BreakerState::HalfOpen(since) if now >= since + self.cool_down() => {
+                *state = BreakerState::HalfOpen(now);
+                Ok(())
+            }
+            BreakerState::HalfOpen(since) => Err(Open {
+                until: since + self.cool_down(),
             }),
         }
     }
@@ -174,12 +180,15 @@ mod tests {
         *clock.0.lock().unwrap() = start + chrono::Duration::seconds(10);
         assert!(breaker.admit().is_ok(), "the probe");
         assert!(breaker.admit().is_err(), "one probe at a time");
+        // The probe never answers (its call was cancelled): after a cool-down another may go.
+        *clock.0.lock().unwrap() = start + chrono::Duration::seconds(20);
+        assert!(breaker.admit().is_ok(), "a second probe after a lost one");
         breaker.record(true);
         assert!(
             matches!(breaker.state(), BreakerState::Open(_)),
             "a failed probe re-opens"
         );
-        *clock.0.lock().unwrap() = start + chrono::Duration::seconds(20);
+        *clock.0.lock().unwrap() = start + chrono::Duration::seconds(30);
         assert!(breaker.admit().is_ok());
         breaker.record(false);
         assert_eq!(breaker.state(), BreakerState::Closed(0));

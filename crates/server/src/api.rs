@@ -44,6 +44,9 @@ pub(crate) struct Api {
     pub(crate) watches: Arc<Mutex<HashMap<String, usize>>>,
     /// The most WatchRun streams one caller may hold open.
     pub(crate) max_watches: usize,
+    /// Turns true when the server stops: open WatchRun streams end, so they do not hold the
+    /// graceful shutdown up.
+    pub(crate) stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Counts one open WatchRun stream of a caller while it lives.
@@ -720,7 +723,9 @@ impl BatchService for Api {
             clock,
             watches: self.watches.clone(),
             max_watches: self.max_watches,
+            stopped: self.stopped.clone(),
         };
+        let mut stopped = self.stopped.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let mut last: Option<pb::Run> = None;
@@ -758,6 +763,17 @@ impl BatchService for Api {
                     _ = events.changed() => {}
                     () = api.clock.sleep(Duration::from_millis(250)) => {}
                     () = sender.closed() => return,
+                    changed = stopped.changed() => {
+                        let stopping = changed.is_err() || *stopped.borrow();
+                        if stopping {
+                            let _ = sender
+                                .send(Err(Status::unavailable(
+                                    "the server is shutting down; watch the run again on another server",
+                                )))
+                                .await;
+                            return;
+                        }
+                    }
                 }
             }
         });

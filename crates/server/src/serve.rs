@@ -249,6 +249,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         clock,
         watches: Arc::default(),
         max_watches: args.max_watches_per_tenant,
+        stopped: stopped.clone(),
     };
     let service = tonic::service::interceptor::InterceptedService::new(
         BatchServiceServer::new(api)
