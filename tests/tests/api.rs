@@ -763,13 +763,21 @@ async fn sigterm_mid_run_exits_0_and_a_restarted_server_finishes_the_run_without
         "the run was stopped mid-way: {before_restart} calls"
     );
     // A new server on the same database resumes the run at once (the lease was released).
-    let server = Server::start(&db.url, Some(&jobs), &args);
+    // Its calls time out after a second; the watch below lasts longer, as streams may.
+    let mut restart_args = args.to_vec();
+    restart_args.extend(["--request-timeout-secs", "1"]);
+    let server = Server::start(&db.url, Some(&jobs), &restart_args);
+    let resumed_at = Instant::now();
     let mut api = client(&server, Some("acme-token-1")).await;
     let seen = watch_to_end(&mut api, &run.run_id).await;
     assert_eq!(
         seen.last().unwrap(),
         &("succeeded".to_owned(), 39),
         "{seen:?}"
+    );
+    assert!(
+        resumed_at.elapsed() > Duration::from_secs(1),
+        "the watch outlived the call timeout"
     );
     let mut per_key: BTreeMap<String, usize> = BTreeMap::new();
     for call in requests.calls() {

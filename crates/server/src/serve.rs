@@ -76,6 +76,10 @@ pub(crate) struct ServeArgs {
     /// How long a shutdown waits for in-flight chunks before leaving.
     #[arg(long, env = "BATCH_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub(crate) shutdown_grace_secs: u64,
+    /// How long one call may take before it fails with DEADLINE_EXCEEDED (a WatchRun stream
+    /// only has to start within it), in seconds.
+    #[arg(long, env = "BATCH_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub(crate) request_timeout_secs: u64,
     /// The most WatchRun streams one tenant may hold open at once.
     #[arg(long, env = "BATCH_MAX_WATCHES_PER_TENANT", default_value_t = 64)]
     pub(crate) max_watches_per_tenant: usize,
@@ -267,6 +271,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+        .timeout(Duration::from_secs(args.request_timeout_secs.max(1)))
         .concurrency_limit_per_connection(256)
         .max_concurrent_streams(Some(128))
         .add_service(health_service)

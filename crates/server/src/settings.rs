@@ -26,6 +26,7 @@ pub(crate) struct SettingsFile {
     max_running_runs: Option<usize>,
     shutdown_grace_secs: Option<u64>,
     max_watches_per_tenant: Option<usize>,
+    request_timeout_secs: Option<u64>,
     reflection: Option<bool>,
     tick_ms: Option<u64>,
     request_endpoint: Option<String>,
@@ -86,6 +87,7 @@ impl SettingsFile {
         take!(slots);
         take!(shutdown_grace_secs);
         take!(max_watches_per_tenant);
+        take!(request_timeout_secs);
         take!(reflection);
         take!(tick_ms);
         take!(option external_tables);
