@@ -289,16 +289,28 @@ async fn every_rpc(backend: Backend) {
         references.iter().any(|r| r.run_id == run.run_id),
         "{references:?}"
     );
-    let none = globex
+    let foreign = status_of(
+        globex
+            .list_user_references(pb::ListUserReferencesRequest {
+                user_id: "ops-lead".to_owned(),
+                ..pb::ListUserReferencesRequest::default()
+            })
+            .await,
+    );
+    assert_eq!(foreign.code(), Code::NotFound, "{}", foreign.message());
+    let without = acme
         .list_user_references(pb::ListUserReferencesRequest {
-            user_id: "ops-lead".to_owned(),
+            user_id: "u010".to_owned(),
             ..pb::ListUserReferencesRequest::default()
         })
         .await
         .unwrap()
         .into_inner()
         .references;
-    assert!(none.is_empty());
+    assert!(
+        without.is_empty(),
+        "a user of the tenant without references has an empty list"
+    );
 
     // Pause, schedules, resume.
     let paused = acme

@@ -13,11 +13,11 @@ use batch_app::strategy::Scope;
 use batch_domain::config::Job;
 use batch_domain::run::{ItemStatus, RunId, RunStatus};
 use batch_domain::{FeatureType, JobId, Priority, TemplateId, TenantId, UserId};
-use batch_ports::Clock;
 use batch_ports::contexts::{ContextStore, ReferenceCursor};
 use batch_ports::jobs::{JobDefinition, JobStore};
 use batch_ports::runs::{RunCursor, RunFilter, RunRecord, RunStore, StoreError};
 use batch_ports::schedules::ScheduleStore;
+use batch_ports::{Clock, UserRepository};
 use batch_proto::batch::v1 as pb;
 use batch_proto::batch::v1::batch_service_server::BatchService;
 use batch_store::Store;
@@ -861,6 +861,23 @@ impl BatchService for Api {
             .references(&tenant, &user, cursor.as_ref(), size)
             .await
             .map_err(store_status)?;
+        if page.is_empty() && cursor.is_none() {
+            // No references: a user the tenant does not have is NOT_FOUND, like another
+            // tenant's user. (When the users cannot be checked, an empty list it is.)
+            match self
+                .store
+                .validate_users(&tenant, std::slice::from_ref(&user))
+                .await
+            {
+                Ok(checked) if checked.valid.is_empty() => {
+                    return Err(Status::not_found(format!("no user {user}")));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not check the user of a reference listing")
+                }
+            }
+        }
         let next_page_token = if page.len() == size {
             page.last()
                 .map(|r| encode_cursor(r.created_at, &r.run))

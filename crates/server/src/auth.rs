@@ -26,10 +26,30 @@ impl Caller {
     }
 }
 
-/// The token table: `token=tenant` pairs (`token=*` for operators).
+/// A known token: as given, or only its SHA-256 (`sha256:<64 hex digits>` in the table), so
+/// the configuration need not hold the secret itself.
+#[derive(Debug, Clone)]
+enum Secret {
+    Plain(Vec<u8>),
+    Sha256([u8; 32]),
+}
+
+/// The token table: `token=tenant` pairs (`token=*` for operators; `sha256:<hex>=tenant` for a
+/// token given by its hash).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tokens {
-    entries: Arc<Vec<(Vec<u8>, Caller)>>,
+    entries: Arc<Vec<(Secret, Caller)>>,
+}
+
+fn sha256_hex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 impl Tokens {
@@ -50,12 +70,18 @@ impl Tokens {
                 return Err(format!("token entry {} is not token=tenant", n + 1));
             };
             let (token, tenant) = (token.trim(), tenant.trim());
-            if token.len() < 8 {
-                return Err(format!(
-                    "token entry {} is shorter than 8 characters",
-                    n + 1
-                ));
-            }
+            let secret = match token.strip_prefix("sha256:") {
+                Some(hex) => Secret::Sha256(sha256_hex(hex).ok_or_else(|| {
+                    format!("token entry {}: sha256: needs 64 hex digits", n + 1)
+                })?),
+                None if token.len() < 8 => {
+                    return Err(format!(
+                        "token entry {} is shorter than 8 characters",
+                        n + 1
+                    ));
+                }
+                None => Secret::Plain(token.as_bytes().to_vec()),
+            };
             let caller = if tenant == "*" {
                 Caller::Operator
             } else {
@@ -64,7 +90,7 @@ impl Tokens {
                         .map_err(|e| format!("token entry {}: tenant: {e}", n + 1))?,
                 )
             };
-            entries.push((token.as_bytes().to_vec(), caller));
+            entries.push((secret, caller));
         }
         Ok(Tokens {
             entries: Arc::new(entries),
@@ -78,9 +104,15 @@ impl Tokens {
 
     /// The caller presenting `token`, comparing in constant time against every entry.
     fn caller(&self, token: &[u8]) -> Option<Caller> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token).into();
         let mut found = None;
         for (known, caller) in self.entries.iter() {
-            if constant_time_eq::constant_time_eq(known, token) && found.is_none() {
+            let matches = match known {
+                Secret::Plain(known) => constant_time_eq::constant_time_eq(known, token),
+                Secret::Sha256(known) => constant_time_eq::constant_time_eq_32(known, &digest),
+            };
+            if matches && found.is_none() {
                 found = Some(caller.clone());
             }
         }
@@ -127,6 +159,19 @@ mod tests {
         );
         assert_eq!(tokens.caller(b"root-token"), Some(Caller::Operator));
         assert_eq!(tokens.caller(b"secret-acm"), None);
+        // sha256("hashed-token-1")
+        let hashed = Tokens::parse(
+            "sha256:b994b24ad665aa12e2de126ec0de71a49b933e8792fef3a93a09434c438befad=globex",
+        )
+        .unwrap_or_default();
+        assert_eq!(
+            hashed.caller(b"hashed-token-1"),
+            Some(Caller::Tenant(
+                TenantId::parse("globex").unwrap_or_else(|_| unreachable!())
+            ))
+        );
+        assert_eq!(hashed.caller(b"hashed-token-2"), None);
+        assert!(Tokens::parse("sha256:abcd=globex").is_err());
         let error = Tokens::parse("tiny=acme").unwrap_err();
         assert!(
             error.contains("entry 1") && !error.contains("tiny"),
