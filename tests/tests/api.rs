@@ -908,3 +908,23 @@ fn migrate_brings_a_fresh_database_up_to_date() {
     );
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("migrated"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_otlp_collector_does_not_stop_the_service() {
+    let db = database(Backend::Sqlite).await.unwrap();
+    let server = Server::start(&db.url, None, &["--otlp-endpoint", "http://127.0.0.1:1"]);
+    let mut acme = client(&server, Some("acme-token-1")).await;
+    let run = acme
+        .trigger_job(pb::TriggerJobRequest {
+            job_id: "nightly-digest".to_owned(),
+            ..pb::TriggerJobRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let seen = watch_to_end(&mut acme, &run.run_id).await;
+    assert_eq!(seen.last().unwrap().0, "succeeded");
+    assert!(server.terminate().success());
+}

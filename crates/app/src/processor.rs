@@ -747,6 +747,14 @@ impl Execution<'_> {
             .runs
             .record_outcomes(&run_id, &owner, &outcomes, now)
             .await?;
+        let count = |status: ItemStatus| outcomes.iter().filter(|o| o.status == status).count();
+        tracing::debug!(
+            target: "batch::metrics",
+            metric = "chunk",
+            succeeded = count(ItemStatus::Succeeded),
+            failed = count(ItemStatus::Failed),
+            retried = count(ItemStatus::Pending),
+        );
         let counts = self.ports().runs.counts(&run_id).await?;
         self.processor
             .contexts
@@ -946,6 +954,14 @@ impl Execution<'_> {
             progress: progress(&counts),
         });
         tracing::info!(run = %self.run.id, status = %self.run.status, "run finished");
+        if let Some(finished) = self.run.finished_at {
+            tracing::debug!(
+                target: "batch::metrics",
+                metric = "run",
+                seconds = (finished - self.run.created_at).as_seconds_f64(),
+                status = %self.run.status,
+            );
+        }
         Ok(self.run.status)
     }
 

@@ -532,6 +532,15 @@ impl BatchScheduler {
                 }
             }
         }
+        if !report.fired.is_empty() || report.dropped > 0 || report.paused > 0 {
+            tracing::debug!(
+                target: "batch::metrics",
+                metric = "tick",
+                fired = report.fired.len(),
+                dropped = report.dropped,
+                paused = report.paused,
+            );
+        }
         Ok(report)
     }
 

@@ -128,6 +128,7 @@ impl CircuitBreaker {
             (BreakerState::Open(until), true) => BreakerState::Open(until),
             (_, true) => {
                 tracing::warn!(cool_down = ?self.settings.cool_down, "circuit opened");
+                tracing::debug!(target: "batch::metrics", metric = "breaker", state = "open");
                 BreakerState::Open(now + self.cool_down())
             }
         };

@@ -83,6 +83,7 @@ impl CacheStats {
 
 /// The shared machinery: values with the instant they were fetched.
 struct Layer<V> {
+    name: &'static str,
     entries: moka::future::Cache<String, (V, DateTime<Utc>)>,
     ttl: chrono::Duration,
     clock: Arc<dyn Clock>,
@@ -90,8 +91,9 @@ struct Layer<V> {
 }
 
 impl<V: Clone + Send + Sync + 'static> Layer<V> {
-    fn new(settings: CacheSettings, clock: Arc<dyn Clock>) -> Self {
+    fn new(name: &'static str, settings: CacheSettings, clock: Arc<dyn Clock>) -> Self {
         Layer {
+            name,
             entries: moka::future::Cache::new(settings.max_entries),
             ttl: chrono::Duration::from_std(settings.ttl).unwrap_or(chrono::Duration::MAX),
             clock,
@@ -111,9 +113,11 @@ impl<V: Clone + Send + Sync + 'static> Layer<V> {
             && now - *fetched < self.ttl
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: "batch::metrics", metric = "cache", cache = self.name, outcome = "hit");
             return Ok((value.clone(), None));
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(target: "batch::metrics", metric = "cache", cache = self.name, outcome = "miss");
         match fetch.await {
             Ok(value) => {
                 self.entries.insert(key, (value.clone(), now)).await;
@@ -122,6 +126,7 @@ impl<V: Clone + Send + Sync + 'static> Layer<V> {
             Err(SourceError::Unavailable(why)) => match cached {
                 Some((value, fetched)) => {
                     self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(target: "batch::metrics", metric = "cache", cache = self.name, outcome = "stale");
                     Ok((value, Some(fetched)))
                 }
                 None => Err(SourceError::Unavailable(why)),
@@ -142,7 +147,7 @@ impl<R> CachedCategories<R> {
     pub fn new(inner: R, settings: CacheSettings, clock: Arc<dyn Clock>) -> Self {
         CachedCategories {
             inner,
-            layer: Layer::new(settings, clock),
+            layer: Layer::new("categories", settings, clock),
         }
     }
 
@@ -183,7 +188,7 @@ impl<P> CachedPreferences<P> {
     pub fn new(inner: P, settings: CacheSettings, clock: Arc<dyn Clock>) -> Self {
         CachedPreferences {
             inner,
-            layer: Layer::new(settings, clock),
+            layer: Layer::new("preferences", settings, clock),
         }
     }
 
@@ -233,7 +238,7 @@ impl<T> CachedTemplates<T> {
     pub fn new(inner: T, settings: CacheSettings, clock: Arc<dyn Clock>) -> Self {
         CachedTemplates {
             inner,
-            layer: Layer::new(settings, clock),
+            layer: Layer::new("templates", settings, clock),
         }
     }
 

@@ -18,6 +18,7 @@ mod jobs;
 mod run;
 mod serve;
 mod settings;
+mod telemetry;
 mod wiring;
 
 /// The agent-batch server.
@@ -103,7 +104,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(mut args) => {
-            init_logs();
             let (path, required) = match &args.config {
                 Some(path) => (path.clone(), true),
                 None => (PathBuf::from("config/server.toml"), false),
@@ -119,13 +119,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            block_on(serve::serve(*args))
+            block_on(async move {
+                let telemetry = telemetry::init(args.otlp_endpoint.as_deref())?;
+                let served = serve::serve(*args).await;
+                telemetry.shutdown().await;
+                served
+            })
         }
         Command::Migrate {
             database_url,
             external_tables,
         } => {
-            init_logs();
+            let _ = telemetry::init(None);
             block_on(async move {
                 let store = batch_store::Store::connect(&database_url)
                     .await
@@ -153,7 +158,7 @@ fn main() -> ExitCode {
             json,
         } => check_config::run(&file, next, from.unwrap_or_else(Utc::now), json),
         Command::Run(args) => {
-            init_logs();
+            let _ = telemetry::init(None);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(e) => {
@@ -173,21 +178,4 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// Logs go to stderr: warnings, and `info` of the service itself, unless `RUST_LOG` says
-/// otherwise; one JSON object per line with `BATCH_LOG_FORMAT=json`, text otherwise. sqlx's
-/// statement logs stay off below warnings.
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,batch_app=info,batch_server=info,sqlx=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if std::env::var("BATCH_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().with_current_span(true).try_init()
-    } else {
-        builder.try_init()
-    };
 }

@@ -80,6 +80,9 @@ pub(crate) struct ServeArgs {
     /// only has to start within it), in seconds.
     #[arg(long, env = "BATCH_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub(crate) request_timeout_secs: u64,
+    /// An OpenTelemetry collector (`http://host:4317`): spans and metrics go there over OTLP.
+    #[arg(long, env = "BATCH_OTLP_ENDPOINT")]
+    pub(crate) otlp_endpoint: Option<String>,
     /// The most WatchRun streams one tenant may hold open at once.
     #[arg(long, env = "BATCH_MAX_WATCHES_PER_TENANT", default_value_t = 64)]
     pub(crate) max_watches_per_tenant: usize,

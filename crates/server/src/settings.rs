@@ -27,6 +27,7 @@ pub(crate) struct SettingsFile {
     shutdown_grace_secs: Option<u64>,
     max_watches_per_tenant: Option<usize>,
     request_timeout_secs: Option<u64>,
+    otlp_endpoint: Option<String>,
     reflection: Option<bool>,
     tick_ms: Option<u64>,
     request_endpoint: Option<String>,
@@ -93,6 +94,7 @@ impl SettingsFile {
         take!(option external_tables);
         take!(option tokens);
         take!(option max_running_runs);
+        take!(option otlp_endpoint);
         take!(sibling request_endpoint);
         take!(sibling template_endpoint);
         take!(sibling preference_endpoint);

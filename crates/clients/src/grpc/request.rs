@@ -75,11 +75,22 @@ impl RequestExecutor for GrpcExecutor {
             parameters: Some(to_struct(&request.parameters)),
             idempotency_key: request.idempotency_key,
         };
+        let started = std::time::Instant::now();
         let answer = self
             .client
             .clone()
             .execute(with_deadline(message, timeout))
             .await;
+        tracing::debug!(
+            target: "batch::metrics",
+            metric = "request",
+            latency_ms = started.elapsed().as_secs_f64() * 1_000.0,
+            outcome = match &answer {
+                Ok(_) => "ok",
+                Err(status) if failure_kind(status.code()) == FailureKind::Retryable => "retryable",
+                Err(_) => "permanent",
+            },
+        );
         match answer {
             Ok(response) => {
                 self.breaker.record(false);
