@@ -422,4 +422,10 @@ pub trait RunStore: Send + Sync {
         cursor: Option<&RunCursor>,
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError>;
+
+    /// How many runs are queued (waiting to be claimed), across tenants: the queue depth.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn queued_runs(&self) -> Result<u64, StoreError>;
 }

@@ -16,6 +16,7 @@ use batch_app::scheduler::BatchScheduler;
 use batch_app::strategy::Strategies;
 use batch_domain::config::parse_jobs_file;
 use batch_ports::jobs::JobStore;
+use batch_ports::runs::RunStore;
 use batch_ports::{Clock, SystemClock};
 use batch_proto::batch::v1::batch_service_server::BatchServiceServer;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -229,6 +230,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let mut serving = true;
             while !*stopped.borrow() {
                 let up = store.ping().await.is_ok();
+                if up && let Ok(queued) = store.queued_runs().await {
+                    tracing::debug!(target: "batch::metrics", metric = "queue", queued);
+                }
                 if up != serving {
                     serving = up;
                     if up {

@@ -4,13 +4,13 @@
 //! The application crates know nothing of OpenTelemetry: they emit `tracing` events with the
 //! target [`METRICS`] and a `metric` field, and [`MetricsLayer`] turns them into instruments —
 //! items succeeded, failed and retried, run duration, schedules fired and dropped, downstream
-//! latency, breaker openings, cache hits, misses and stale answers.
+//! latency, breaker openings, cache hits, misses and stale answers, and the queue depth.
 
 use std::collections::HashMap;
 
 use anyhow::Context;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
@@ -133,6 +133,7 @@ pub(crate) struct MetricsLayer {
     downstream_ms: Histogram<f64>,
     breaker_opened: Counter<u64>,
     cache: Counter<u64>,
+    queued: Gauge<u64>,
 }
 
 impl MetricsLayer {
@@ -166,6 +167,10 @@ impl MetricsLayer {
             cache: meter
                 .u64_counter("batch.cache")
                 .with_description("cache lookups by cache and outcome: hit, miss, stale")
+                .build(),
+            queued: meter
+                .u64_gauge("batch.queue.depth")
+                .with_description("runs waiting to be claimed, across every replica")
                 .build(),
         }
     }
@@ -247,6 +252,7 @@ impl<S: Subscriber> Layer<S> for MetricsLayer {
                 &[KeyValue::new("outcome", fields.text("outcome"))],
             ),
             Some("breaker") => self.breaker_opened.add(1, &[]),
+            Some("queue") => self.queued.record(fields.count("queued"), &[]),
             Some("cache") => self.cache.add(
                 1,
                 &[
@@ -279,6 +285,7 @@ mod tests {
             tracing::debug!(target: METRICS, metric = "chunk", succeeded = 3_u64, failed = 1_u64, retried = 2_u64);
             tracing::debug!(target: METRICS, metric = "chunk", succeeded = 4_u64, failed = 0_u64, retried = 0_u64);
             tracing::debug!(target: METRICS, metric = "run", seconds = 1.5_f64, status = "succeeded");
+            tracing::debug!(target: METRICS, metric = "queue", queued = 5_u64);
             tracing::debug!(target: "elsewhere", metric = "chunk", succeeded = 100_u64);
         });
         provider.force_flush().unwrap_or_else(|e| panic!("{e}"));
@@ -287,6 +294,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let mut items: HashMap<String, u64> = HashMap::new();
         let mut runs = 0;
+        let mut queued = None;
         for resource in &exported {
             for scope in resource.scope_metrics() {
                 for metric in scope.metrics() {
@@ -307,6 +315,9 @@ mod tests {
                         ) => {
                             runs += h.data_points().map(|p| p.count()).sum::<u64>();
                         }
+                        ("batch.queue.depth", AggregatedMetrics::U64(MetricData::Gauge(g))) => {
+                            queued = g.data_points().map(|p| p.value()).max();
+                        }
                         _ => {}
                     }
                 }
@@ -316,5 +327,6 @@ mod tests {
         assert_eq!(items.get("failed"), Some(&1));
         assert_eq!(items.get("retried"), Some(&2));
         assert_eq!(runs, 1);
+        assert_eq!(queued, Some(5));
     }
 }

@@ -742,6 +742,23 @@ impl RunStore for Store {
             .map_err(db_error)?;
         rows.iter().map(run_record).collect()
     }
+
+    async fn queued_runs(&self) -> Result<u64, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "SELECT COUNT(*) AS queued FROM runs WHERE status = 'queued'",
+                vec![],
+            ))
+            .await
+            .map_err(db_error)?;
+        let queued: i64 = row
+            .map(|row| row.try_get("", "queued"))
+            .transpose()
+            .map_err(db_error)?
+            .unwrap_or(0);
+        Ok(u64::try_from(queued).unwrap_or(0))
+    }
 }
 
 #[cfg(test)]

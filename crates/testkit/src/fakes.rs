@@ -804,6 +804,18 @@ impl RunStore for MemoryRuns {
         runs.truncate(limit);
         Ok(runs)
     }
+
+    async fn queued_runs(&self) -> Result<u64, StoreError> {
+        let state = lock(&self.state);
+        Ok(u64::try_from(
+            state
+                .runs
+                .values()
+                .filter(|r| r.status == RunStatus::Queued)
+                .count(),
+        )
+        .unwrap_or(u64::MAX))
+    }
 }
 
 #[async_trait]
