@@ -1385,6 +1385,7 @@ async fn runs_are_listed_newest_first_filtered_and_paged(backend: Backend) {
     let ids = |runs: Vec<batch_ports::runs::RunRecord>| -> Vec<String> {
         runs.into_iter().map(|r| r.id.to_string()).collect()
     };
+    assert_eq!(store.queued_runs().await.unwrap(), 5, "the queue depth");
     let acme = RunFilter {
         tenant: Some(tenant("acme")),
         ..RunFilter::default()
