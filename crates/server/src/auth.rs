@@ -26,12 +26,14 @@ impl Caller {
     }
 }
 
-/// A known token: as given, or only its SHA-256 (`sha256:<64 hex digits>` in the table), so
-/// the configuration need not hold the secret itself.
+/// A known credential: a bearer token as given, or only its SHA-256 (`sha256:<64 hex digits>`
+/// in the table, so the configuration need not hold the secret itself), or the SHA-256 of a
+/// client certificate (`cert-sha256:<64 hex digits>`) presented over mutual TLS.
 #[derive(Debug, Clone)]
 enum Secret {
     Plain(Vec<u8>),
     Sha256([u8; 32]),
+    Certificate([u8; 32]),
 }
 
 /// The token table: `token=tenant` pairs (`token=*` for operators; `sha256:<hex>=tenant` for a
@@ -70,17 +72,24 @@ impl Tokens {
                 return Err(format!("token entry {} is not token=tenant", n + 1));
             };
             let (token, tenant) = (token.trim(), tenant.trim());
-            let secret = match token.strip_prefix("sha256:") {
-                Some(hex) => Secret::Sha256(sha256_hex(hex).ok_or_else(|| {
-                    format!("token entry {}: sha256: needs 64 hex digits", n + 1)
-                })?),
-                None if token.len() < 8 => {
-                    return Err(format!(
-                        "token entry {} is shorter than 8 characters",
-                        n + 1
-                    ));
+            let hash = |hex: &str| {
+                sha256_hex(hex)
+                    .ok_or_else(|| format!("token entry {}: the hash needs 64 hex digits", n + 1))
+            };
+            let secret = if let Some(hex) = token.strip_prefix("cert-sha256:") {
+                Secret::Certificate(hash(hex)?)
+            } else if let Some(hex) = token.strip_prefix("sha256:") {
+                Secret::Sha256(hash(hex)?)
+            } else {
+                match token {
+                    token if token.len() < 8 => {
+                        return Err(format!(
+                            "token entry {} is shorter than 8 characters",
+                            n + 1
+                        ));
+                    }
+                    token => Secret::Plain(token.as_bytes().to_vec()),
                 }
-                None => Secret::Plain(token.as_bytes().to_vec()),
             };
             let caller = if tenant == "*" {
                 Caller::Operator
@@ -111,6 +120,7 @@ impl Tokens {
             let matches = match known {
                 Secret::Plain(known) => constant_time_eq::constant_time_eq(known, token),
                 Secret::Sha256(known) => constant_time_eq::constant_time_eq_32(known, &digest),
+                Secret::Certificate(_) => false,
             };
             if matches && found.is_none() {
                 found = Some(caller.clone());
@@ -119,11 +129,31 @@ impl Tokens {
         found
     }
 
-    /// The interceptor: with tokens configured, a call without a known bearer token is
-    /// `UNAUTHENTICATED`; without tokens every caller is an operator.
+    /// The caller whose client certificate (DER) is `certificate`.
+    fn certified(&self, certificate: &[u8]) -> Option<Caller> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(certificate).into();
+        self.entries.iter().find_map(|(known, caller)| match known {
+            Secret::Certificate(known) if constant_time_eq::constant_time_eq_32(known, &digest) => {
+                Some(caller.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// The interceptor: with credentials configured, a call without a known bearer token (or,
+    /// over mutual TLS, a known client certificate) is `UNAUTHENTICATED`; without any, every
+    /// caller is an operator.
     pub(crate) fn check(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let certified = request
+            .peer_certs()
+            .and_then(|chain| chain.first().and_then(|leaf| self.certified(leaf.as_ref())));
         let caller = if self.is_empty() {
             Caller::Operator
+        } else if request.metadata().get("authorization").is_none()
+            && let Some(caller) = certified
+        {
+            caller
         } else {
             let header = request
                 .metadata()

@@ -68,6 +68,16 @@ pub(crate) struct ServeArgs {
     /// is an operator and the server listens on loopback only.
     #[arg(long, env = "BATCH_TOKENS", hide_env_values = true)]
     pub(crate) tokens: Option<String>,
+    /// The server's certificate chain (PEM): with `--tls-key`, the API is served over TLS.
+    #[arg(long, env = "BATCH_TLS_CERT", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, env = "BATCH_TLS_KEY", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// A CA (PEM) whose client certificates are required (mutual TLS); callers are then known
+    /// by a bearer token or by `cert-sha256:<hash>=tenant` entries of the token table.
+    #[arg(long, env = "BATCH_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
     /// Runs executed at once by this process.
     #[arg(long, env = "BATCH_RUN_SLOTS", default_value_t = 4)]
     pub(crate) slots: usize,
@@ -276,7 +286,27 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stop.send_replace(true);
         }
     };
-    tonic::transport::Server::builder()
+    if args.tls_cert.is_some() != args.tls_key.is_some()
+        || (args.tls_client_ca.is_some() && args.tls_cert.is_none())
+    {
+        bail!("TLS needs both tls_cert and tls_key (and tls_client_ca needs them too)");
+    }
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+        );
+        if let Some(ca) = &args.tls_client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        builder = builder
+            .tls_config(tls)
+            .context("configuring TLS from --tls-cert and --tls-key")?;
+    }
+    builder
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         .timeout(Duration::from_secs(args.request_timeout_secs.max(1)))
         .concurrency_limit_per_connection(256)

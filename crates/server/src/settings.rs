@@ -28,6 +28,9 @@ pub(crate) struct SettingsFile {
     max_watches_per_tenant: Option<usize>,
     request_timeout_secs: Option<u64>,
     otlp_endpoint: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     reflection: Option<bool>,
     tick_ms: Option<u64>,
     request_endpoint: Option<String>,
@@ -95,6 +98,9 @@ impl SettingsFile {
         take!(option tokens);
         take!(option max_running_runs);
         take!(option otlp_endpoint);
+        take!(option tls_cert);
+        take!(option tls_key);
+        take!(option tls_client_ca);
         take!(sibling request_endpoint);
         take!(sibling template_endpoint);
         take!(sibling preference_endpoint);
