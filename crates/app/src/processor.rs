@@ -409,7 +409,18 @@ impl BatchProcessor {
                 while !*stop.borrow() {
                     let idle = match processor.claim_next(&jobs.jobs()).await {
                         Ok(Some(mut execution)) => {
-                            if let Err(e) = execution.run_until_stopped(stop.clone()).await {
+                            let span = tracing::info_span!(
+                                "run",
+                                run = %execution.run().id,
+                                job = %execution.run().job,
+                                tenant = %execution.run().tenant,
+                            );
+                            let ran = tracing::Instrument::instrument(
+                                execution.run_until_stopped(stop.clone()),
+                                span,
+                            )
+                            .await;
+                            if let Err(e) = ran {
                                 tracing::warn!(run = %execution.run().id, error = %e, "run interrupted");
                             }
                             false
