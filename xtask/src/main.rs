@@ -21,13 +21,15 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(&root),
         Some("codegen") => codegen(&root),
         Some("deny") => deny(&root),
+        Some("faults") => faults(&root, &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  test     fmt check, clippy -D warnings, all workspace tests (tidy included)\n  \
                  codegen  rewrite committed generated files (config/jobs.schema.json)\n  \
-                 deny     cargo deny check licenses bans sources"
+                 deny     cargo deny check licenses bans sources\n  \
+                 faults   the fault scenarios against the real server [--repeat N] [--items N] [--seed S]"
             );
             bail!("unknown or missing command {:?}", args.first());
         }
@@ -154,6 +156,46 @@ fn codegen(root: &Path) -> anyhow::Result<()> {
     let path = schema_path(root);
     std::fs::write(&path, schema_text()?).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Runs the fault scenarios (`tests/tests/faults.rs`) against the real binaries; `cargo xtask
+/// test` runs them once as part of the workspace tests.
+fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "batch-e2e",
+            "--test",
+            "faults",
+            "--",
+            "--nocapture",
+        ])
+        .current_dir(root);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let variable = match flag.as_str() {
+            "--repeat" => "FAULTS_REPEAT",
+            "--items" => "FAULTS_ITEMS",
+            "--seed" => "FAULTS_SEED",
+            other => bail!("unknown faults option {other:?} (--repeat N, --items N, --seed S)"),
+        };
+        let value = rest
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        value
+            .parse::<u64>()
+            .with_context(|| format!("{flag} {value:?} is not a whole number"))?;
+        command.env(variable, value);
+    }
+    eprintln!("$ cargo test -p batch-e2e --test faults");
+    let status = command.status().context("starting cargo test")?;
+    if !status.success() {
+        bail!("the fault scenarios failed ({status})");
+    }
     Ok(())
 }
 

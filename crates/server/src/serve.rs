@@ -81,6 +81,10 @@ pub(crate) struct ServeArgs {
     /// Runs executed at once by this process.
     #[arg(long, env = "BATCH_RUN_SLOTS", default_value_t = 4)]
     pub(crate) slots: usize,
+    /// How long a run's lease lasts without renewal (renewed every third of it while the run
+    /// works): how soon another replica resumes the runs of a process that died.
+    #[arg(long, env = "BATCH_RUN_LEASE_SECS", default_value_t = 60)]
+    pub(crate) run_lease_secs: u64,
     /// Runs running at once across every replica; unlimited when absent.
     #[arg(long, env = "BATCH_MAX_RUNNING_RUNS")]
     pub(crate) max_running_runs: Option<usize>,
@@ -151,6 +155,10 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         parse_jobs_file(&text).map_err(|p| anyhow::anyhow!("{}: {p}", args.jobs.display()))?;
     let store =
         wiring::open_store(&args.database_url, args.external_tables, &args.sample_data).await?;
+    // One process per SQLite file: a second server refuses to start, saying why.
+    store
+        .claim_exclusive()
+        .context("taking the database for this server")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let templates = wiring::templates(&args.siblings, &args.templates, clock.clone())?;
     let ports = Ports {
@@ -168,6 +176,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Strategies::default(),
         ProcessorSettings {
             max_running_runs: args.max_running_runs,
+            run_lease: Duration::from_secs(args.run_lease_secs.max(1)),
             ..ProcessorSettings::default()
         },
     ));

@@ -23,6 +23,7 @@ pub(crate) struct SettingsFile {
     external_tables: Option<bool>,
     tokens: Option<String>,
     slots: Option<usize>,
+    run_lease_secs: Option<u64>,
     max_running_runs: Option<usize>,
     shutdown_grace_secs: Option<u64>,
     max_watches_per_tenant: Option<usize>,
@@ -89,6 +90,7 @@ impl SettingsFile {
         take!(templates);
         take!(sample_data);
         take!(slots);
+        take!(run_lease_secs);
         take!(shutdown_grace_secs);
         take!(max_watches_per_tenant);
         take!(request_timeout_secs);

@@ -145,6 +145,16 @@ impl Store {
         &self.db
     }
 
+    /// Takes the right to claim work now rather than at the first claim: a server calls it at
+    /// start, so a second server on one SQLite file refuses to start instead of idling. A no-op
+    /// on PostgreSQL.
+    ///
+    /// # Errors
+    /// [`StoreError::Unsupported`] when another process works on the SQLite file.
+    pub fn claim_exclusive(&self) -> Result<(), StoreError> {
+        self.ensure_single_process()
+    }
+
     /// Makes sure this process may claim work. On a SQLite file it takes an exclusive lock on
     /// `<file>.lock` the first time and keeps it; a second process gets a clear error. The
     /// operating system releases the lock when the process dies.

@@ -98,6 +98,9 @@ pub struct FakeRequestService {
     /// Its faults.
     pub faults: Faults,
     calls: Mutex<Vec<request::ExecuteRequest>>,
+    arrivals: Mutex<Vec<std::time::SystemTime>>,
+    poison: Mutex<HashSet<String>>,
+    panics: Mutex<HashSet<String>>,
     attempts: Mutex<HashMap<String, u32>>,
     expected_templates: Mutex<Option<HashSet<String>>>,
 }
@@ -106,6 +109,29 @@ impl FakeRequestService {
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<request::ExecuteRequest> {
         lock(&self.calls).clone()
+    }
+
+    /// Every call so far with the wall-clock instant it arrived: the ledger fault tests check.
+    pub fn ledger(&self) -> Vec<(request::ExecuteRequest, std::time::SystemTime)> {
+        let calls = lock(&self.calls);
+        let arrivals = lock(&self.arrivals);
+        calls
+            .iter()
+            .cloned()
+            .zip(arrivals.iter().copied())
+            .collect()
+    }
+
+    /// Panics in the handler for these items (the part of the idempotency key after the run
+    /// id), as a buggy service would.
+    pub fn panic_on<'a>(&self, items: impl IntoIterator<Item = &'a str>) {
+        lock(&self.panics).extend(items.into_iter().map(str::to_owned));
+    }
+
+    /// Answers `INVALID_ARGUMENT` (permanent) for these items (the part of the idempotency
+    /// key after the run id).
+    pub fn poison<'a>(&self, items: impl IntoIterator<Item = &'a str>) {
+        lock(&self.poison).extend(items.into_iter().map(str::to_owned));
     }
 
     /// Answers `FAILED_PRECONDITION` for templates other than these.
@@ -124,7 +150,19 @@ impl RequestService for RequestHandler {
         call: Request<request::ExecuteRequest>,
     ) -> Result<Response<request::ExecuteResponse>, Status> {
         let message = call.into_inner();
-        lock(&self.0.calls).push(message.clone());
+        {
+            let mut calls = lock(&self.0.calls);
+            calls.push(message.clone());
+            lock(&self.0.arrivals).push(std::time::SystemTime::now());
+        }
+        if let Some((_, item)) = message.idempotency_key.split_once(':') {
+            if lock(&self.0.poison).contains(item) {
+                return Err(Status::invalid_argument(format!("{item} is poison")));
+            }
+            if lock(&self.0.panics).contains(item) {
+                panic!("the fake request service panics on {item}");
+            }
+        }
         let attempt = {
             let mut attempts = lock(&self.0.attempts);
             let attempt = attempts.entry(message.idempotency_key.clone()).or_insert(0);
