@@ -412,3 +412,60 @@ async fn f10_a_second_server_on_one_sqlite_file_refuses_to_start() {
     assert!(first.terminate().success());
     let _ = std::fs::remove_dir_all(jobs.parent().unwrap());
 }
+
+/// F6: SIGTERM mid-run with a second replica running: the first stops claiming, releases its
+/// lease and exits 0; the second resumes the run. The lease lasts ten minutes here, so only the
+/// release lets the second replica finish within the test's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f6_sigterm_hands_the_run_to_the_other_replica() {
+    let items = 800;
+    let Some(db) = database(Backend::Postgres, items).await else {
+        return;
+    };
+    let (requests, fake) = request_service(Duration::from_millis(50)).await;
+    let jobs = jobs_file("f6");
+    let endpoint = fake.url();
+    let tokens = tokens();
+    let args = [
+        "--external-tables",
+        "true",
+        "--request-endpoint",
+        endpoint.as_str(),
+        "--run-lease-secs",
+        "600",
+        "--tokens",
+        tokens.as_str(),
+    ];
+    let first = Server::start(&db.url, Some(&jobs), &args);
+    let run = trigger(&first).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while requests.calls().len() < 60 {
+        assert!(Instant::now() < deadline, "the run never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = Server::start(&db.url, Some(&jobs), &args);
+    let status = first.terminate();
+    assert!(status.success(), "exit {status:?}");
+    let at_exit = requests.calls().len();
+    assert!(
+        at_exit < items,
+        "the run was handed over mid-way: {at_exit} of {items} called"
+    );
+    let last = finish(&second, &run).await;
+    assert_eq!(last.status, "succeeded", "{last:?}");
+    let figures = check(&db, &run, &requests).await;
+    eprintln!(
+        "F6 missed={} extra={} redelivered={} effective_duplicates={}",
+        figures.missed, figures.extra, figures.redelivered, figures.effective_duplicates
+    );
+    assert_eq!(
+        (figures.missed, figures.extra, figures.effective_duplicates),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        figures.redelivered, 0,
+        "a graceful stop finishes its chunk: nothing is redone"
+    );
+    assert!(second.terminate().success());
+    let _ = std::fs::remove_dir_all(jobs.parent().unwrap());
+}
