@@ -61,6 +61,9 @@ pub struct TickReport {
     pub paused: usize,
     /// Preference changes applied.
     pub preference_changes: usize,
+    /// Schedules whose fire failed (job, group and error); they stay due and are tried again
+    /// at the next tick, after the others.
+    pub failed: Vec<String>,
 }
 
 /// The next fire of one schedule.
@@ -492,11 +495,12 @@ impl BatchScheduler {
         Ok(true)
     }
 
-    /// Fires everything due at `now`.
+    /// Fires everything due at `now`. A schedule whose fire fails is reported in
+    /// [`TickReport::failed`], stays due and is tried again at the next tick; the others fire
+    /// regardless (occurrences already created are not created twice).
     ///
     /// # Errors
-    /// [`Error::Store`] when the store fails; the schedule being fired stays due and the next
-    /// tick tries it again (occurrences already created are not created twice).
+    /// [`Error::Store`] when the schedule states, pauses or preferences cannot be read at all.
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<TickReport, Error> {
         let mut guard = self.index.lock().await;
         let index = self.ensure_index(&mut guard, now).await?;
@@ -512,6 +516,7 @@ impl BatchScheduler {
             .into_iter()
             .map(|p| (p.job.clone(), p))
             .collect();
+        let mut failed = Vec::new();
         while let Some((fire_at, key)) = index.due.first().cloned() {
             if fire_at > now {
                 break;
@@ -526,11 +531,18 @@ impl BatchScheduler {
             match self.fire(&key, &unit, job, now, paused, &mut report).await {
                 Ok((next, last)) => index.insert(key, Unit { next, last, ..unit }),
                 Err(e) => {
-                    // Keep it due; the next tick tries again.
-                    index.insert(key, unit);
-                    return Err(e);
+                    // Keep it due for the next tick, but let every other due schedule fire
+                    // first: one failing job (its source is down, say) blocks no other.
+                    tracing::warn!(job = %key.job, group = %key.group, error = %e, "firing a schedule failed; retried next tick");
+                    report
+                        .failed
+                        .push(format!("{} {}: {e}", key.job, key.group));
+                    failed.push((key, unit));
                 }
             }
+        }
+        for (key, unit) in failed {
+            index.insert(key, unit);
         }
         if !report.fired.is_empty() || report.dropped > 0 || report.paused > 0 {
             tracing::debug!(

@@ -936,3 +936,37 @@ async fn backfill_runs_each_past_instant_once() {
         "{too_many:?}"
     );
 }
+
+#[tokio::test]
+async fn a_schedule_that_fails_to_fire_blocks_no_other() {
+    let start = utc("2027-01-01T09:30:00Z");
+    let broken = parse_job(json!({
+        "id": "broken", "tenant": "acme", "type": "INDIVIDUAL_CATEGORIES", "template": "digest",
+        "source": {"category": {"name": "missing"}},
+        "schedule": {"frequency": "hourly", "minute": 0}, "overlap": "allow_all",
+    }))
+    .unwrap_or_else(|p| panic!("{p}"));
+    // The healthy job fires later in the hour than the broken one, so it sits behind it.
+    let healthy = job(
+        "healthy",
+        json!({"frequency": "hourly", "minute": 5}),
+        json!({}),
+    );
+    let world = world(start);
+    let scheduler = world.scheduler(&[broken, healthy]);
+    scheduler.tick(start).await.unwrap();
+    for minute in [0, 1, 5] {
+        let now = utc("2027-01-01T10:00:00Z") + Duration::minutes(minute);
+        let report = scheduler.tick(now).await.unwrap();
+        assert!(
+            report.failed.iter().all(|f| f.starts_with("broken")),
+            "{:?}",
+            report.failed
+        );
+        if minute == 5 {
+            assert_eq!(report.fired.len(), 1, "{report:?}");
+            assert_eq!(report.fired[0].job.as_str(), "healthy");
+            assert_eq!(report.failed.len(), 1, "the broken one is still retried");
+        }
+    }
+}
