@@ -347,14 +347,12 @@ impl BatchProcessor {
             return Ok(None);
         }
         let load: HashMap<_, _> = loads.into_iter().map(|l| (l.tenant, l.load)).collect();
+        let known: Vec<batch_domain::JobId> = jobs.keys().cloned().collect();
         let candidates: Vec<RunRecord> = self
             .ports
             .runs
-            .claimable_runs(now, aging, CLAIM_WINDOW)
-            .await?
-            .into_iter()
-            .filter(|r| jobs.contains_key(&r.job))
-            .collect();
+            .claimable_runs(now, aging, CLAIM_WINDOW, &known)
+            .await?;
         let waiting: Vec<Waiting> = candidates
             .iter()
             .map(|r| Waiting {

@@ -260,10 +260,11 @@ pub trait RunStore: Send + Sync {
         max_running: Option<usize>,
     ) -> Result<Option<RunRecord>, StoreError>;
 
-    /// The runs that could be claimed at `now` (as [`RunStore::claim_runs`] would take them),
-    /// at most `per_tenant` of each tenant: the best of each tenant by effective priority
-    /// (base priority aged by `aging` since creation), then age. Claims nothing; the caller
-    /// orders them fairly and claims with [`RunStore::claim_run`].
+    /// The runs of `jobs` that could be claimed at `now` (as [`RunStore::claim_runs`] would take
+    /// them), at most `per_tenant` of each tenant: the best of each tenant by effective priority
+    /// (base priority aged by `aging` since creation), then age. Runs of other jobs (removed
+    /// from the configuration) never take a place. Claims nothing; the caller orders them
+    /// fairly and claims with [`RunStore::claim_run`].
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached.
@@ -272,6 +273,7 @@ pub trait RunStore: Send + Sync {
         now: DateTime<Utc>,
         aging: Aging,
         per_tenant: usize,
+        jobs: &[JobId],
     ) -> Result<Vec<RunRecord>, StoreError>;
 
     /// Per tenant with any: how many runs hold a live lease at `now`, and the tenant's load

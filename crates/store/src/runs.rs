@@ -289,7 +289,12 @@ impl RunStore for Store {
         now: DateTime<Utc>,
         aging: Aging,
         per_tenant: usize,
+        jobs: &[JobId],
     ) -> Result<Vec<RunRecord>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let job_params: Vec<String> = (5..5 + jobs.len()).map(|n| format!("${n}")).collect();
         // Effective priority as `batch_domain::priority::effective_priority` computes it, in
         // integer arithmetic both backends share.
         let effective = "priority + CASE WHEN created_ms >= $1 THEN 0 \
@@ -300,21 +305,28 @@ impl RunStore for Store {
                  PARTITION BY tenant ORDER BY {effective} DESC, created_ms, id) AS tenant_rank \
                FROM runs WHERE status IN ('queued', 'running') \
                  AND (lease_expires_ms IS NULL OR lease_expires_ms <= $1) \
+                 AND job_id IN ({}) \
                  AND {SERIAL_READY}) ranked \
-             WHERE tenant_rank <= $4 ORDER BY tenant, tenant_rank"
+             WHERE tenant_rank <= $4 ORDER BY tenant, tenant_rank",
+            job_params.join(", ")
         );
         let interval = aging.interval.num_milliseconds().max(1_000);
         let rows = self
             .db
-            .query_all_raw(self.statement(
-                &sql,
-                vec![
-                    big(millis(now)),
-                    big(interval),
-                    big(i64::from(aging.cap)),
-                    big(i64::try_from(per_tenant).unwrap_or(i64::MAX)),
-                ],
-            ))
+            .query_all_raw(
+                self.statement(
+                    &sql,
+                    [
+                        big(millis(now)),
+                        big(interval),
+                        big(i64::from(aging.cap)),
+                        big(i64::try_from(per_tenant).unwrap_or(i64::MAX)),
+                    ]
+                    .into_iter()
+                    .chain(jobs.iter().map(|j| text(j.as_str())))
+                    .collect(),
+                ),
+            )
             .await
             .map_err(db_error)?;
         rows.iter().map(run_record).collect()

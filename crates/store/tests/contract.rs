@@ -1124,15 +1124,24 @@ async fn claimable_runs_age_and_are_capped_per_tenant(backend: Backend) {
         runs.into_iter().map(|r| r.id.to_string()).collect()
     };
     let aging = Aging::default();
+    let jobs = [JobId::parse("job-a").unwrap()];
+    assert!(
+        store
+            .claimable_runs(now, aging, 2, &[JobId::parse("gone").unwrap()])
+            .await
+            .unwrap()
+            .is_empty(),
+        "runs of jobs not asked for take no place"
+    );
     // Unaged, high (75) beats low (25).
     let no_aging = Aging { cap: 0, ..aging };
     assert_eq!(
-        order(store.claimable_runs(now, no_aging, 2).await.unwrap()),
+        order(store.claimable_runs(now, no_aging, 2, &jobs).await.unwrap()),
         ["acme-high", "acme-low", "globex-0", "globex-1"]
     );
     // Aged one point a minute, low (25 + 60) overtakes high (75 + 0); each tenant capped at 2.
     assert_eq!(
-        order(store.claimable_runs(now, aging, 2).await.unwrap()),
+        order(store.claimable_runs(now, aging, 2, &jobs).await.unwrap()),
         ["acme-low", "acme-high", "globex-0", "globex-1"]
     );
     // A claimed run is no longer claimable, and counts as running for its tenant.
@@ -1151,7 +1160,7 @@ async fn claimable_runs_age_and_are_capped_per_tenant(backend: Backend) {
             .is_some()
     );
     assert_eq!(
-        order(store.claimable_runs(now, aging, 1).await.unwrap()),
+        order(store.claimable_runs(now, aging, 1, &jobs).await.unwrap()),
         ["acme-low", "globex-1"]
     );
     let load = |running, load| {

@@ -476,10 +476,15 @@ impl RunStore for MemoryRuns {
         now: DateTime<Utc>,
         aging: batch_domain::priority::Aging,
         per_tenant: usize,
+        jobs: &[JobId],
     ) -> Result<Vec<RunRecord>, StoreError> {
         let state = lock(&self.state);
         let mut by_tenant: BTreeMap<TenantId, Vec<RunRecord>> = BTreeMap::new();
-        for run in state.runs.values().filter(|r| claimable(&state, r, now)) {
+        for run in state
+            .runs
+            .values()
+            .filter(|r| jobs.contains(&r.job) && claimable(&state, r, now))
+        {
             by_tenant
                 .entry(run.tenant.clone())
                 .or_default()
