@@ -937,7 +937,13 @@ impl Execution<'_> {
             status,
             RunStatus::Succeeded | RunStatus::CompletedWithFailures
         ) {
-            self.distribute().await?;
+            // Deliveries can take a while: the heartbeat keeps the run leased meanwhile, so no
+            // other processor finishes (and distributes) it a second time.
+            let note = tokio::select! {
+                note = self.distribute() => note?,
+                lost = self.heartbeat() => return Err(lost),
+            };
+            self.notes.extend(note);
         }
         let now = self.ports().clock.now();
         match self
@@ -976,7 +982,7 @@ impl Execution<'_> {
 
     /// References for the job's distribution users and for every user whose own item succeeded;
     /// then the optional delivery to the distribution users.
-    async fn distribute(&mut self) -> Result<(), Error> {
+    async fn distribute(&self) -> Result<Option<String>, Error> {
         let ports = self.ports().clone();
         let now = ports.clock.now();
         let mut users: Vec<UserId> = self.job.distribution.users.clone();
@@ -1003,7 +1009,7 @@ impl Execution<'_> {
             .add_references(&self.job.tenant, &self.job.id, &self.run.id, &users, now)
             .await?;
         let Some(template) = self.job.distribution.delivery_template.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let counts = ports.runs.counts(&self.run.id).await?;
         let mut failed = 0;
@@ -1027,11 +1033,6 @@ impl Execution<'_> {
                 failed += 1;
             }
         }
-        if failed > 0 {
-            self.notes.push(format!(
-                "delivery of the reference failed for {failed} users"
-            ));
-        }
-        Ok(())
+        Ok((failed > 0).then(|| format!("delivery of the reference failed for {failed} users")))
     }
 }
