@@ -896,7 +896,19 @@ impl Execution<'_> {
         request_context: Value,
         now: DateTime<Utc>,
     ) -> ItemOutcome {
-        let attempts = item.attempts + 1;
+        // A request that was not made (the breaker is open) costs no attempt.
+        let not_attempted = matches!(
+            &result,
+            Attempted::Answered(Err(ExecuteError {
+                kind: FailureKind::NotAttempted { .. },
+                ..
+            }))
+        );
+        let attempts = if not_attempted {
+            item.attempts
+        } else {
+            item.attempts + 1
+        };
         let (status, next_attempt_at, error, result) = match result {
             Attempted::Answered(Ok(value)) => (ItemStatus::Succeeded, None, None, Some(value)),
             Attempted::Abandoned => (

@@ -1047,3 +1047,25 @@ async fn failed_items_are_retried_in_a_child_run_that_merges_into_the_original()
         .await;
     assert!(matches!(succeeded, Err(batch_app::Error::Job(m)) if m.contains("no failed items")));
 }
+
+#[tokio::test]
+async fn a_request_not_made_because_the_breaker_is_open_costs_no_attempt() {
+    // Far more "not attempted" answers than the job's five attempts.
+    let deferred = [("u0001".to_owned(), 12)].into_iter().collect();
+    let world = World::new(Behaviour {
+        deferred,
+        ..Behaviour::default()
+    });
+    world.with_users(3);
+    let job = job(json!({}));
+    let (run, _) = run_job(&world, &job).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    let item = world
+        .runs
+        .items_of(&run.id)
+        .into_iter()
+        .find(|i| i.key == "u0001")
+        .unwrap();
+    assert_eq!(item.status, ItemStatus::Succeeded);
+    assert_eq!(item.attempts, 1, "only the call that was made counts");
+}

@@ -79,6 +79,11 @@ impl CircuitBreaker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Now, by the breaker's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
     /// Where the breaker stands now.
     pub fn state(&self) -> BreakerState {
         *self.lock()

@@ -11,6 +11,12 @@ pub enum FailureKind {
     Retryable,
     /// Trying again cannot succeed (bad input, not found, forbidden).
     Permanent,
+    /// The request was not made (a circuit breaker is open): try again after this long,
+    /// without counting an attempt.
+    NotAttempted {
+        /// How long until it may be tried.
+        retry_in: std::time::Duration,
+    },
 }
 
 /// How the backoff delay is randomised.
@@ -87,6 +93,7 @@ impl RetryPolicy {
     /// Decides what follows the failure of attempt number `attempt` (1-based).
     pub fn decide(&self, attempt: u32, kind: FailureKind, rng: &mut impl Rng) -> Decision {
         match kind {
+            FailureKind::NotAttempted { retry_in } => Decision::RetryAfter(retry_in),
             FailureKind::Permanent => Decision::GiveUp,
             FailureKind::Retryable if attempt >= self.max_attempts => Decision::GiveUp,
             FailureKind::Retryable => Decision::RetryAfter(self.backoff(attempt, rng)),

@@ -1030,6 +1030,9 @@ pub struct Behaviour {
     pub stalls: HashSet<String>,
     /// Item keys whose execution takes this long on the executor's clock.
     pub delays: HashMap<String, std::time::Duration>,
+    /// Item keys answered "not attempted" (as with an open circuit breaker) for this many
+    /// calls before they are executed.
+    pub deferred: HashMap<String, u32>,
 }
 
 /// A request executor that records every call, the highest number in flight at once, and
@@ -1116,6 +1119,14 @@ impl RequestExecutor for FakeExecutor {
             .idempotency_key
             .split_once(':')
             .map_or(request.idempotency_key.as_str(), |(_, k)| k);
+        if behaviour.deferred.get(item).is_some_and(|n| attempt <= *n) {
+            return Err(ExecuteError {
+                kind: FailureKind::NotAttempted {
+                    retry_in: std::time::Duration::from_secs(30),
+                },
+                message: "circuit open (injected)".to_owned(),
+            });
+        }
         if behaviour.stalls.contains(item) {
             std::future::pending::<()>().await;
         }

@@ -110,7 +110,9 @@ fn source_error(service: &str, status: &tonic::Status) -> SourceError {
     let message = format!("{service}: {} ({:?})", status.message(), status.code());
     match (status.code(), failure_kind(status.code())) {
         (tonic::Code::NotFound, _) => SourceError::NotFound(message),
-        (_, FailureKind::Retryable) => SourceError::Unavailable(message),
+        (_, FailureKind::Retryable | FailureKind::NotAttempted { .. }) => {
+            SourceError::Unavailable(message)
+        }
         (_, FailureKind::Permanent) => SourceError::Unexpected(message),
     }
 }

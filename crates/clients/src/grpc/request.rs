@@ -52,8 +52,13 @@ impl GrpcExecutor {
 impl RequestExecutor for GrpcExecutor {
     async fn execute(&self, request: Request) -> Result<Value, ExecuteError> {
         if let Err(open) = self.breaker.admit() {
+            // Not made: the item waits for the breaker without losing an attempt.
+            let retry_in = (open.until - self.breaker.now())
+                .to_std()
+                .unwrap_or_default()
+                .max(std::time::Duration::from_millis(100));
             return Err(ExecuteError {
-                kind: FailureKind::Retryable,
+                kind: FailureKind::NotAttempted { retry_in },
                 message: format!("request service: {open}"),
             });
         }
