@@ -24,28 +24,7 @@ async fn database(backend: Backend) -> Option<TestDatabase> {
 }
 
 fn struct_of(value: &serde_json::Value) -> prost_types::Struct {
-    use prost_types::value::Kind;
-    fn one(value: &serde_json::Value) -> prost_types::Value {
-        let kind = match value {
-            serde_json::Value::Null => Kind::NullValue(0),
-            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-            serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-                values: items.iter().map(one).collect(),
-            }),
-            serde_json::Value::Object(_) => Kind::StructValue(struct_of(value)),
-        };
-        prost_types::Value { kind: Some(kind) }
-    }
-    prost_types::Struct {
-        fields: value
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), one(v)))
-            .collect(),
-    }
+    batch_proto::json::to_struct(value.as_object().unwrap())
 }
 
 fn status_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Status {

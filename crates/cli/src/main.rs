@@ -267,44 +267,7 @@ fn job_json(job: &pb::Job) -> Value {
 }
 
 fn struct_json(value: &prost_types::Struct) -> Value {
-    use prost_types::value::Kind;
-    fn one(value: &prost_types::Value) -> Value {
-        match &value.kind {
-            None | Some(Kind::NullValue(_)) => Value::Null,
-            Some(Kind::BoolValue(b)) => Value::Bool(*b),
-            Some(Kind::NumberValue(n)) => json!(n),
-            Some(Kind::StringValue(s)) => Value::from(s.as_str()),
-            Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(one).collect()),
-            Some(Kind::StructValue(s)) => struct_json(s),
-        }
-    }
-    Value::Object(
-        value
-            .fields
-            .iter()
-            .map(|(k, v)| (k.clone(), one(v)))
-            .collect(),
-    )
-}
-
-fn to_struct(map: &serde_json::Map<String, Value>) -> prost_types::Struct {
-    use prost_types::value::Kind;
-    fn one(value: &Value) -> prost_types::Value {
-        let kind = match value {
-            Value::Null => Kind::NullValue(0),
-            Value::Bool(b) => Kind::BoolValue(*b),
-            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-            Value::String(s) => Kind::StringValue(s.clone()),
-            Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-                values: items.iter().map(one).collect(),
-            }),
-            Value::Object(map) => Kind::StructValue(to_struct(map)),
-        };
-        prost_types::Value { kind: Some(kind) }
-    }
-    prost_types::Struct {
-        fields: map.iter().map(|(k, v)| (k.clone(), one(v))).collect(),
-    }
+    Value::Object(batch_proto::json::from_struct(value))
 }
 
 /// Prints rows as a table with a header, columns padded to their widest cell.
@@ -507,7 +470,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<ExitCode> {
                     job_id: job.clone(),
                     user_ids: users.clone(),
                     template_id: template.clone().unwrap_or_default(),
-                    parameters: (!map.is_empty()).then(|| to_struct(&map)),
+                    parameters: (!map.is_empty()).then(|| batch_proto::json::to_struct(&map)),
                     priority: *priority,
                 })
                 .await

@@ -4,6 +4,8 @@
 //! messages never reach `batch-app` or `batch-domain`.
 #![forbid(unsafe_code)]
 
+pub mod json;
+
 /// The encoded descriptors of every contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");
 

@@ -134,49 +134,9 @@ fn page_size(requested: u32) -> usize {
     }
 }
 
+/// A JSON object as a `Struct`; `None` for anything else.
 fn to_struct(value: &Value) -> Option<prost_types::Struct> {
-    let Value::Object(map) = value else {
-        return None;
-    };
-    Some(prost_types::Struct {
-        fields: map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect(),
-    })
-}
-
-fn to_value(value: &Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match value {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.iter().map(to_value).collect(),
-        }),
-        Value::Object(_) => Kind::StructValue(to_struct(value).unwrap_or_default()),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
-fn from_struct(value: &prost_types::Struct) -> serde_json::Map<String, Value> {
-    use prost_types::value::Kind;
-    fn from_value(value: &prost_types::Value) -> Value {
-        match &value.kind {
-            None | Some(Kind::NullValue(_)) => Value::Null,
-            Some(Kind::BoolValue(b)) => Value::Bool(*b),
-            Some(Kind::NumberValue(n)) => {
-                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
-            }
-            Some(Kind::StringValue(s)) => Value::String(s.clone()),
-            Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(from_value).collect()),
-            Some(Kind::StructValue(s)) => Value::Object(from_struct(s)),
-        }
-    }
-    value
-        .fields
-        .iter()
-        .map(|(k, v)| (k.clone(), from_value(v)))
-        .collect()
+    value.as_object().map(batch_proto::json::to_struct)
 }
 
 /// An opaque page token over a position.
@@ -375,7 +335,7 @@ impl BatchService for Api {
             .get_ref()
             .definition
             .as_ref()
-            .map(from_struct)
+            .map(batch_proto::json::from_struct)
             .ok_or_else(|| Status::invalid_argument("definition is required"))?;
         let tenant = match &caller {
             Caller::Tenant(tenant) => Some(tenant),
@@ -401,7 +361,7 @@ impl BatchService for Api {
         let definition = message
             .definition
             .as_ref()
-            .map(from_struct)
+            .map(batch_proto::json::from_struct)
             .ok_or_else(|| Status::invalid_argument("definition is required"))?;
         let stored = crate::jobs::checked(
             definition,
@@ -500,7 +460,7 @@ impl BatchService for Api {
             parameters: message
                 .parameters
                 .as_ref()
-                .map(from_struct)
+                .map(batch_proto::json::from_struct)
                 .unwrap_or_default(),
             priority: message
                 .priority

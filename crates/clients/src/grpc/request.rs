@@ -11,9 +11,9 @@ use batch_proto::request::v1::request_service_client::RequestServiceClient;
 use serde_json::Value;
 use tonic::transport::Channel;
 
-use super::convert::{from_struct, to_struct, value_to_struct};
 use super::{BadEndpoint, ChannelSettings, channel, failure_kind, with_deadline};
 use crate::breaker::{BreakerSettings, CircuitBreaker};
+use batch_proto::json::{from_struct, to_struct, value_to_struct};
 
 /// Executes requests on the Request service: every call carries the item's idempotency key
 /// and a deadline; transient failures are reported retryable (the processor retries them with

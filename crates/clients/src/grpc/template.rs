@@ -7,8 +7,8 @@ use batch_proto::template::v1 as pb;
 use batch_proto::template::v1::template_service_client::TemplateServiceClient;
 use tonic::transport::Channel;
 
-use super::convert::from_struct;
 use super::{BadEndpoint, ChannelSettings, channel, source_error, with_deadline};
+use batch_proto::json::from_struct;
 
 /// Reads templates from the Template service. Wrap it in [`crate::cache::CachedTemplates`]
 /// to cache them and to keep serving the last good template while the service is down.
