@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
                  test     fmt check, clippy -D warnings, all workspace tests (tidy included)\n  \
                  codegen  rewrite committed generated files (config/jobs.schema.json)\n  \
                  deny     cargo deny check licenses bans sources\n  \
-                 faults   the fault scenarios against the real server [--repeat N] [--items N] [--seed S]"
+                 faults   the fault scenarios against the real server [--repeat N] [--only F1,F3] [--items N] [--seed S]"
             );
             bail!("unknown or missing command {:?}", args.first());
         }
@@ -159,44 +159,126 @@ fn codegen(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the fault scenarios (`tests/tests/faults.rs`) against the real binaries; `cargo xtask
+/// Runs the fault scenarios (`tests/tests/faults.rs`) against the real binaries, collects
+/// their `FAULT-REPORT` lines into `target/faults/summary.json` and prints a table; `cargo xtask
 /// test` runs them once as part of the workspace tests.
 fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     command
-        .args([
-            "test",
-            "--locked",
-            "-p",
-            "batch-e2e",
-            "--test",
-            "faults",
-            "--",
-            "--nocapture",
-        ])
-        .current_dir(root);
+        .args(["test", "--locked", "-p", "batch-e2e", "--test", "faults", "--"])
+        .current_dir(root)
+        .stdout(std::process::Stdio::piped());
+    let mut only = Vec::new();
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
+        let value = rest
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         let variable = match flag.as_str() {
             "--repeat" => "FAULTS_REPEAT",
             "--items" => "FAULTS_ITEMS",
             "--seed" => "FAULTS_SEED",
-            other => bail!("unknown faults option {other:?} (--repeat N, --items N, --seed S)"),
+            "--only" => {
+                only = scenario_filters(value)?;
+                continue;
+            }
+            other => bail!(
+                "unknown faults option {other:?} (--repeat N, --only F1,F3, --items N, --seed S)"
+            ),
         };
-        let value = rest
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
         value
             .parse::<u64>()
             .with_context(|| format!("{flag} {value:?} is not a whole number"))?;
         command.env(variable, value);
     }
-    eprintln!("$ cargo test -p batch-e2e --test faults");
-    let status = command.status().context("starting cargo test")?;
+    // Scenarios run one at a time: each starts servers and injects faults on this machine.
+    command
+        .args(["--test-threads", "1", "--nocapture"])
+        .args(&only);
+    eprintln!("$ cargo test -p batch-e2e --test faults -- --test-threads 1 {}", only.join(" "));
+    let mut child = command.spawn().context("starting cargo test")?;
+    let mut reports = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("reading the fault scenarios' output")?;
+            println!("{line}");
+            if let Some(json) = line.strip_prefix("FAULT-REPORT ") {
+                reports.push(
+                    serde_json::from_str::<serde_json::Value>(json)
+                        .with_context(|| format!("a malformed report: {json}"))?,
+                );
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    let dir = root.join("target/faults");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let summary = dir.join("summary.json");
+    std::fs::write(
+        &summary,
+        serde_json::to_string_pretty(&serde_json::json!({ "reports": reports }))?,
+    )
+    .with_context(|| format!("writing {}", summary.display()))?;
+    print!("{}", fault_table(&reports));
+    eprintln!("wrote {}", summary.display());
     if !status.success() {
         bail!("the fault scenarios failed ({status})");
     }
     Ok(())
+}
+
+/// `F1,F3` as the test-name filters `f1_`, `f3_`.
+fn scenario_filters(list: &str) -> anyhow::Result<Vec<String>> {
+    list.split(',')
+        .map(|id| {
+            let id = id.trim();
+            let number = id
+                .strip_prefix(['F', 'f'])
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| (1..=11).contains(n))
+                .with_context(|| format!("{id:?} is not a scenario (F1 … F11)"))?;
+            Ok(format!("f{number}_"))
+        })
+        .collect()
+}
+
+/// One line per scenario: how many repeats, and the worst of each figure over them.
+fn fault_table(reports: &[serde_json::Value]) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    const FIGURES: [&str; 7] = [
+        "missed",
+        "extra",
+        "redelivered",
+        "effective_duplicates",
+        "lost_results",
+        "cross_tenant_rows",
+        "recovery_s",
+    ];
+    let mut worst: BTreeMap<String, (usize, [f64; 7])> = BTreeMap::new();
+    for report in reports {
+        let scenario = report["scenario"].as_str().unwrap_or("?").to_owned();
+        let entry = worst.entry(scenario).or_insert((0, [0.0; 7]));
+        entry.0 += 1;
+        for (i, figure) in FIGURES.iter().enumerate() {
+            let value = report[*figure].as_f64().unwrap_or(0.0);
+            entry.1[i] = entry.1[i].max(value);
+        }
+    }
+    let mut table = format!("{:<9} {:>7}", "scenario", "repeats");
+    for figure in FIGURES {
+        let _ = write!(table, " {figure:>20}");
+    }
+    table.push('\n');
+    for (scenario, (repeats, values)) in worst {
+        let _ = write!(table, "{scenario:<9} {repeats:>7}");
+        for value in values {
+            let _ = write!(table, " {value:>20.1}");
+        }
+        table.push('\n');
+    }
+    table
 }
 
 fn deny(root: &Path) -> anyhow::Result<()> {

@@ -69,6 +69,7 @@ fn executor(url: &str, breaker: BreakerSettings, clock: Arc<dyn Clock>) -> GrpcE
 
 const NEVER_OPENS: BreakerSettings = BreakerSettings {
     failure_threshold: u32::MAX,
+    window: 1,
     cool_down: Duration::from_secs(1),
 };
 
@@ -142,6 +143,7 @@ async fn the_breaker_opens_under_a_failure_burst_and_closes_after_recovery() {
         &server.url(),
         BreakerSettings {
             failure_threshold: 5,
+            window: 5,
             cool_down: Duration::from_secs(30),
         },
         clock.clone(),

@@ -38,6 +38,7 @@ pub(crate) struct SettingsFile {
     template_endpoint: Option<String>,
     preference_endpoint: Option<String>,
     sibling_timeout_ms: Option<u64>,
+    breaker_cool_down_ms: Option<u64>,
 }
 
 impl SettingsFile {
@@ -110,6 +111,11 @@ impl SettingsFile {
             && defaulted("sibling_timeout_ms")
         {
             args.siblings.sibling_timeout_ms = value;
+        }
+        if let Some(value) = self.breaker_cool_down_ms
+            && defaulted("breaker_cool_down_ms")
+        {
+            args.siblings.breaker_cool_down_ms = value;
         }
     }
 }

@@ -30,6 +30,10 @@ pub(crate) struct SiblingArgs {
     /// The deadline of each call to a sibling service, in milliseconds.
     #[arg(long, env = "BATCH_SIBLING_TIMEOUT_MS", default_value_t = 30_000)]
     pub(crate) sibling_timeout_ms: u64,
+    /// How long the Request service's circuit breaker, once open (20 transient failures among
+    /// the last 25 answers), rejects calls before one probe goes through, in milliseconds.
+    #[arg(long, env = "BATCH_BREAKER_COOL_DOWN_MS", default_value_t = 30_000)]
+    pub(crate) breaker_cool_down_ms: u64,
 }
 
 fn channel(endpoint: &str, args: &SiblingArgs) -> ChannelSettings {
@@ -75,8 +79,15 @@ pub(crate) fn executor(
 ) -> anyhow::Result<Arc<dyn RequestExecutor>> {
     Ok(match &args.request_endpoint {
         Some(endpoint) => Arc::new(
-            GrpcExecutor::new(&channel(endpoint, args), BreakerSettings::default(), clock)
-                .context("--request-endpoint")?,
+            GrpcExecutor::new(
+                &channel(endpoint, args),
+                BreakerSettings {
+                    cool_down: Duration::from_millis(args.breaker_cool_down_ms.max(1)),
+                    ..BreakerSettings::default()
+                },
+                clock,
+            )
+            .context("--request-endpoint")?,
         ),
         None => Arc::new(RenderingExecutor::new(templates)),
     })

@@ -92,13 +92,34 @@ impl Faults {
     }
 }
 
+/// One call the fake Request service received: what the fault checker reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerEntry {
+    /// The request as it arrived.
+    pub request: request::ExecuteRequest,
+    /// The run and the item: the idempotency key split at its first `:`.
+    pub run: String,
+    /// See `run`.
+    pub item: String,
+    /// This key's attempt as the fake counts them (1 for the first call with the key).
+    pub attempt: u32,
+    /// When it arrived (wall clock).
+    pub started: std::time::SystemTime,
+    /// When the fake answered it; `None` while in flight (or when the handler panicked or the
+    /// caller went away first).
+    pub ended: Option<std::time::SystemTime>,
+    /// The answer: `None` for success, else the status code.
+    pub code: Option<Code>,
+}
+
 /// The fake Request service: echoes each request as its result.
 #[derive(Debug, Default)]
 pub struct FakeRequestService {
     /// Its faults.
     pub faults: Faults,
-    calls: Mutex<Vec<request::ExecuteRequest>>,
-    arrivals: Mutex<Vec<std::time::SystemTime>>,
+    calls: Mutex<Vec<LedgerEntry>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
     poison: Mutex<HashSet<String>>,
     panics: Mutex<HashSet<String>>,
     attempts: Mutex<HashMap<String, u32>>,
@@ -108,18 +129,32 @@ pub struct FakeRequestService {
 impl FakeRequestService {
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<request::ExecuteRequest> {
+        lock(&self.calls).iter().map(|e| e.request.clone()).collect()
+    }
+
+    /// Every call so far with when it arrived, when it was answered and how: the ledger the
+    /// fault checker reads.
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
         lock(&self.calls).clone()
     }
 
-    /// Every call so far with the wall-clock instant it arrived: the ledger fault tests check.
-    pub fn ledger(&self) -> Vec<(request::ExecuteRequest, std::time::SystemTime)> {
-        let calls = lock(&self.calls);
-        let arrivals = lock(&self.arrivals);
-        calls
-            .iter()
-            .cloned()
-            .zip(arrivals.iter().copied())
-            .collect()
+    /// The most calls that were in flight at once since the last [`Self::reset_in_flight`].
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Starts counting [`Self::max_in_flight`] afresh from the calls in flight now.
+    pub fn reset_in_flight(&self) {
+        self.max_in_flight
+            .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Records the answer of ledger entry `index`.
+    fn answered(&self, index: usize, code: Option<Code>) {
+        if let Some(entry) = lock(&self.calls).get_mut(index) {
+            entry.ended = Some(std::time::SystemTime::now());
+            entry.code = code;
+        }
     }
 
     /// Panics in the handler for these items (the part of the idempotency key after the run
@@ -150,25 +185,54 @@ impl RequestService for RequestHandler {
         call: Request<request::ExecuteRequest>,
     ) -> Result<Response<request::ExecuteResponse>, Status> {
         let message = call.into_inner();
-        {
-            let mut calls = lock(&self.0.calls);
-            calls.push(message.clone());
-            lock(&self.0.arrivals).push(std::time::SystemTime::now());
-        }
-        if let Some((_, item)) = message.idempotency_key.split_once(':') {
-            if lock(&self.0.poison).contains(item) {
-                return Err(Status::invalid_argument(format!("{item} is poison")));
-            }
-            if lock(&self.0.panics).contains(item) {
-                panic!("the fake request service panics on {item}");
-            }
-        }
         let attempt = {
             let mut attempts = lock(&self.0.attempts);
             let attempt = attempts.entry(message.idempotency_key.clone()).or_insert(0);
             *attempt += 1;
             *attempt
         };
+        let (run, item) = message
+            .idempotency_key
+            .split_once(':')
+            .unwrap_or((message.idempotency_key.as_str(), ""));
+        let index = {
+            let mut calls = lock(&self.0.calls);
+            calls.push(LedgerEntry {
+                request: message.clone(),
+                run: run.to_owned(),
+                item: item.to_owned(),
+                attempt,
+                started: std::time::SystemTime::now(),
+                ended: None,
+                code: None,
+            });
+            calls.len() - 1
+        };
+        let now = self.0.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let answer = self.answer(&message, attempt).await;
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0
+            .answered(index, answer.as_ref().err().map(Status::code));
+        answer
+    }
+}
+
+impl RequestHandler {
+    async fn answer(
+        &self,
+        message: &request::ExecuteRequest,
+        attempt: u32,
+    ) -> Result<Response<request::ExecuteResponse>, Status> {
+        if let Some((_, item)) = message.idempotency_key.split_once(':') {
+            if lock(&self.0.poison).contains(item) {
+                return Err(Status::invalid_argument(format!("{item} is poison")));
+            }
+            if lock(&self.0.panics).contains(item) {
+                self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+                panic!("the fake request service panics on {item}");
+            }
+        }
         if let Some(expected) = lock(&self.0.expected_templates).as_ref()
             && !expected.contains(&message.template_id)
         {
@@ -191,7 +255,7 @@ impl RequestService for RequestHandler {
         result
             .fields
             .insert("user".to_owned(), text(&message.user_id));
-        if let Some(payload) = message.payload {
+        if let Some(payload) = message.payload.clone() {
             result.fields.insert(
                 "payload".to_owned(),
                 prost_types::Value {

@@ -1,0 +1,1 @@
+//! Placeholder: scenarios land here.
