@@ -203,7 +203,11 @@ fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
         for line in BufReader::new(stdout).lines() {
             let line = line.context("reading the fault scenarios' output")?;
             println!("{line}");
-            if let Some(json) = line.strip_prefix("FAULT-REPORT ") {
+            // The harness may print `test … ... ` on the same line first.
+            if let Some(json) = line
+                .find("FAULT-REPORT ")
+                .map(|at| &line[at + "FAULT-REPORT ".len()..])
+            {
                 reports.push(
                     serde_json::from_str::<serde_json::Value>(json)
                         .with_context(|| format!("a malformed report: {json}"))?,
