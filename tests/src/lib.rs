@@ -172,6 +172,17 @@ impl Server {
 }
 
 impl Server {
+    /// Its exit status when it has exited (by itself: a crash, say), `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The server's process id, for signals a test sends itself (SIGSTOP and SIGCONT freeze
+    /// and thaw a replica).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server with SIGKILL, as a crash would, and waits for it to be gone.
     pub fn kill(mut self) {
         let _ = self.child.kill();

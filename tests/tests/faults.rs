@@ -64,13 +64,20 @@ async fn database(backend: Backend, items: usize) -> Option<TestDatabase> {
             return None;
         }
     };
+    prepare(&db.url, items).await;
+    Some(db)
+}
+
+/// Migrates the database at `url` with the real binary and adds `items` active users of tenant
+/// `fault` (attributes `{"team": "load"}`).
+async fn prepare(url: &str, items: usize) {
     let migrated = std::process::Command::new(batch_e2e::binary())
         .args([
             "migrate",
             "--external-tables",
             "true",
             "--database-url",
-            &db.url,
+            url,
         ])
         .env_remove("BATCH_DATABASE_URL")
         .output()
@@ -80,7 +87,7 @@ async fn database(backend: Backend, items: usize) -> Option<TestDatabase> {
         "{}",
         String::from_utf8_lossy(&migrated.stderr)
     );
-    let conn = Database::connect(db.url.as_str()).await.unwrap();
+    let conn = Database::connect(url).await.unwrap();
     for start in (0..items).step_by(500) {
         let rows: Vec<String> = (start..(start + 500).min(items))
             .map(|n| format!("('fault', 'user{n:06}', TRUE, '{{\"team\": \"load\"}}')"))
@@ -93,7 +100,6 @@ async fn database(backend: Backend, items: usize) -> Option<TestDatabase> {
         .unwrap();
     }
     conn.close().await.unwrap();
-    Some(db)
 }
 
 fn jobs_file(name: &str) -> std::path::PathBuf {
@@ -236,11 +242,11 @@ fn seed() -> u64 {
 /// succeeded without a result or are not terminal (lost results).
 async fn check(
     scenario: &'static str,
-    db: &TestDatabase,
+    db_url: &str,
     run: &str,
     requests: &FakeRequestService,
 ) -> Report {
-    let conn = Database::connect(db.url.as_str()).await.unwrap();
+    let conn = Database::connect(db_url).await.unwrap();
     let rows = conn
         .query_all_raw(sea_orm::Statement::from_string(
             conn.get_database_backend(),
@@ -275,8 +281,8 @@ async fn check(
         if call.run != run {
             continue;
         }
-        let at = i64::try_from(call.started.duration_since(UNIX_EPOCH).unwrap().as_millis())
-            .unwrap();
+        let at =
+            i64::try_from(call.started.duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap();
         calls.entry(call.item).or_default().push(at);
     }
     for (key, (status, updated)) in &items {
@@ -359,7 +365,7 @@ async fn f1_a_killed_server_loses_no_item_and_repeats_no_success() {
         let recovery = killed.elapsed();
         assert_eq!(last.status, "succeeded", "{last:?}");
         assert_eq!(last.progress.unwrap().succeeded, items as u64);
-        let mut report = check("F1", &db, &run, &requests).await;
+        let mut report = check("F1", &db.url, &run, &requests).await;
         report.seed = Some(seed);
         report.redelivered_bound = CHUNK;
         report.recovery_s = Some(recovery.as_secs_f64());
@@ -417,7 +423,7 @@ async fn f7_poison_items_fail_once_and_a_panic_is_contained() {
         "{}",
         per_key["user000777"]
     );
-    let mut report = check("F7", &db, &run, &requests).await;
+    let mut report = check("F7", &db.url, &run, &requests).await;
     // The panicking item is tried up to its three attempts.
     report.redelivered_bound = 2;
     report.holds();
@@ -475,7 +481,7 @@ async fn f10_a_second_server_on_one_sqlite_file_refuses_to_start() {
     let another = trigger(&first).await;
     let last = finish(&first, &another).await;
     assert_eq!(last.status, "succeeded");
-    check("F10", &db, &another, &requests).await.holds();
+    check("F10", &db.url, &another, &requests).await.holds();
     assert!(first.terminate().success());
     let _ = std::fs::remove_dir_all(jobs.parent().unwrap());
 }
@@ -522,7 +528,7 @@ async fn f6_sigterm_hands_the_run_to_the_other_replica() {
     let last = finish(&second, &run).await;
     assert_eq!(last.status, "succeeded", "{last:?}");
     // A graceful stop finishes its chunk: nothing is redone.
-    check("F6", &db, &run, &requests).await.holds();
+    check("F6", &db.url, &run, &requests).await.holds();
     assert!(second.terminate().success());
     let _ = std::fs::remove_dir_all(jobs.parent().unwrap());
 }

@@ -606,6 +606,8 @@ impl Execution<'_> {
     /// Runs steps until the run ends (`Some(status)`) or `stop` turns true (`None`): then the
     /// chunk in flight is finished and recorded first, and the run's lease is released so
     /// another process resumes the run at once instead of waiting for the lease to expire.
+    /// While the database is unavailable the run waits (backing off up to 1.6 s) and goes on
+    /// when it answers again; a lease lost meanwhile ends it with `LeaseLost`.
     ///
     /// # Errors
     /// As [`Execution::run_next_chunk`].
@@ -613,6 +615,7 @@ impl Execution<'_> {
         &mut self,
         mut stop: watch::Receiver<bool>,
     ) -> Result<Option<RunStatus>, Error> {
+        let mut unavailable = 0u32;
         loop {
             if *stop.borrow() {
                 self.ports()
@@ -622,7 +625,25 @@ impl Execution<'_> {
                 tracing::info!(run = %self.run.id, "lease released on shutdown");
                 return Ok(None);
             }
-            match self.run_next_chunk().await? {
+            let step = match self.run_next_chunk().await {
+                Ok(step) => step,
+                // A database that went away: the run is still this processor's (its lease
+                // outlives a short outage), so wait and go on with it rather than leave it
+                // to be rescued after the lease expires.
+                Err(Error::Store(StoreError::Unavailable(why))) => {
+                    tracing::warn!(run = %self.run.id, error = %why, "database unavailable; the run waits");
+                    unavailable = unavailable.saturating_add(1);
+                    let wait = Duration::from_millis(100 << unavailable.min(4));
+                    tokio::select! {
+                        () = self.ports().clock.sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+                Err(other) => return Err(other),
+            };
+            unavailable = 0;
+            match step {
                 Step::Worked(_) => {}
                 Step::Idle(until) => {
                     let wait = self.idle_wait(until);
@@ -632,6 +653,33 @@ impl Execution<'_> {
                     }
                 }
                 Step::Finished(status) => return Ok(Some(status)),
+            }
+        }
+    }
+
+    /// Runs `op` again while the store answers [`StoreError::Unavailable`], waiting 50 ms,
+    /// doubling up to 2 s, for at most `patience`; returns its last answer.
+    async fn while_unavailable<T, F, Fut>(
+        &self,
+        what: &str,
+        patience: Duration,
+        mut op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let clock = &self.ports().clock;
+        let give_up = clock.now() + chrono_duration(patience);
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match op().await {
+                Err(StoreError::Unavailable(why)) if clock.now() < give_up => {
+                    tracing::warn!(run = %self.run.id, error = %why, "{what}: database unavailable, retrying");
+                    clock.sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
             }
         }
     }
@@ -752,10 +800,16 @@ impl Execution<'_> {
             .into_iter()
             .map(|(item, result, request_context)| self.outcome(item, result, request_context, now))
             .collect();
-        self.ports()
-            .runs
-            .record_outcomes(&run_id, &owner, &outcomes, now)
-            .await?;
+        // The chunk was executed: its results must not be lost to a database that is briefly
+        // away (restarting, say). Recording is retried while it is unavailable, up to a run
+        // lease; the owner check keeps a run another processor took over from being written.
+        let patience = self.processor.settings.run_lease;
+        self.while_unavailable("recording a chunk", patience, || {
+            self.ports()
+                .runs
+                .record_outcomes(&run_id, &owner, &outcomes, now)
+        })
+        .await?;
         let count = |status: ItemStatus| outcomes.iter().filter(|o| o.status == status).count();
         tracing::debug!(
             target: "batch::metrics",

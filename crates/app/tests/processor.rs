@@ -1069,3 +1069,35 @@ async fn a_request_not_made_because_the_breaker_is_open_costs_no_attempt() {
     assert_eq!(item.status, ItemStatus::Succeeded);
     assert_eq!(item.attempts, 1, "only the call that was made counts");
 }
+
+/// F2's regression: a chunk executed while the database went away is recorded once it is back
+/// (nothing executed twice), and a run whose claim of items failed goes on with the same
+/// processor instead of waiting for its lease to expire and be rescued.
+#[tokio::test]
+async fn a_database_that_goes_away_mid_chunk_loses_no_result_and_no_run() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({}));
+    let processor = world.processor("p1");
+    let run = start_manual(&processor, &job).await;
+    let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+    world.runs.fail_next_writes(3);
+    world.runs.fail_next_claims(2);
+    let (_, stop) = tokio::sync::watch::channel(false);
+    let status = execution.run_until_stopped(stop).await.unwrap();
+    assert_eq!(status, Some(RunStatus::Succeeded));
+    let calls = world.executor.calls();
+    assert_eq!(calls.len(), 3, "each item executed once: {calls:?}");
+    assert!(
+        world.runs.outcome_writes() >= 3 + 1,
+        "the failed writes were retried"
+    );
+    let items = world.runs.items_of(&run.id);
+    assert!(
+        items
+            .iter()
+            .filter(|i| i.status != ItemStatus::Invalid)
+            .all(|i| i.status == ItemStatus::Succeeded && i.result.is_some()),
+        "{items:?}"
+    );
+}

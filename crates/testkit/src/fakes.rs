@@ -233,9 +233,32 @@ pub struct MemoryRuns {
     state: Mutex<Runs>,
     outcome_writes: AtomicUsize,
     schedule_calls: AtomicUsize,
+    failing_writes: AtomicUsize,
+    failing_claims: AtomicUsize,
+}
+
+fn take_failure(counter: &AtomicUsize, what: &str) -> Result<(), StoreError> {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .map_or(Ok(()), |_| {
+            Err(StoreError::Unavailable(format!(
+                "{what}: the fake database is away"
+            )))
+        })
 }
 
 impl MemoryRuns {
+    /// The next `n` outcome writes answer [`StoreError::Unavailable`] and write nothing, as a
+    /// database restarting would.
+    pub fn fail_next_writes(&self, n: usize) {
+        self.failing_writes.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` item claims answer [`StoreError::Unavailable`] and claim nothing.
+    pub fn fail_next_claims(&self, n: usize) {
+        self.failing_claims.store(n, Ordering::SeqCst);
+    }
+
     /// How many times outcomes were written (one per chunk when the processor behaves).
     pub fn outcome_writes(&self) -> usize {
         self.outcome_writes.load(Ordering::SeqCst)
@@ -626,6 +649,7 @@ impl RunStore for MemoryRuns {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError> {
+        take_failure(&self.failing_claims, "claiming items")?;
         let mut state = lock(&self.state);
         let Some(items) = state.items.get_mut(run) else {
             return Ok(Vec::new());
@@ -656,6 +680,7 @@ impl RunStore for MemoryRuns {
         _now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         self.outcome_writes.fetch_add(1, Ordering::SeqCst);
+        take_failure(&self.failing_writes, "recording outcomes")?;
         let mut state = lock(&self.state);
         let items = state.items.get_mut(run).ok_or_else(|| lost(owner, run))?;
         let index: HashMap<String, usize> = items

@@ -10,6 +10,7 @@
 //! when the fixture is dropped.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod fakes;
 pub mod siblings;
 

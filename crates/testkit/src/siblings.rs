@@ -129,7 +129,10 @@ pub struct FakeRequestService {
 impl FakeRequestService {
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<request::ExecuteRequest> {
-        lock(&self.calls).iter().map(|e| e.request.clone()).collect()
+        lock(&self.calls)
+            .iter()
+            .map(|e| e.request.clone())
+            .collect()
     }
 
     /// Every call so far with when it arrived, when it was answered and how: the ledger the
