@@ -166,7 +166,15 @@ fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     command
-        .args(["test", "--locked", "-p", "batch-e2e", "--test", "faults", "--"])
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "batch-e2e",
+            "--test",
+            "faults",
+            "--",
+        ])
         .current_dir(root)
         .stdout(std::process::Stdio::piped());
     let mut only = Vec::new();
@@ -196,7 +204,10 @@ fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
     command
         .args(["--test-threads", "1", "--nocapture"])
         .args(&only);
-    eprintln!("$ cargo test -p batch-e2e --test faults -- --test-threads 1 {}", only.join(" "));
+    eprintln!(
+        "$ cargo test -p batch-e2e --test faults -- --test-threads 1 {}",
+        only.join(" ")
+    );
     let mut child = command.spawn().context("starting cargo test")?;
     let mut reports = Vec::new();
     if let Some(stdout) = child.stdout.take() {

@@ -1089,7 +1089,7 @@ async fn a_database_that_goes_away_mid_chunk_loses_no_result_and_no_run() {
     let calls = world.executor.calls();
     assert_eq!(calls.len(), 3, "each item executed once: {calls:?}");
     assert!(
-        world.runs.outcome_writes() >= 3 + 1,
+        world.runs.outcome_writes() > 3,
         "the failed writes were retried"
     );
     let items = world.runs.items_of(&run.id);
