@@ -174,7 +174,8 @@ struct Report {
     missed: usize,
     /// Calls (or runs) for items (or windows) that do not exist, or beyond one per window.
     extra: usize,
-    /// Calls beyond the first per item: allowed up to `redelivered_bound`.
+    /// Calls of an item after a call that did not answer with an error (work redone, not a
+    /// retry after a failure): allowed up to `redelivered_bound`.
     redelivered: usize,
     /// The most redeliveries the scenario allows (work in flight at the fault).
     redelivered_bound: usize,
@@ -276,25 +277,32 @@ async fn check(
         );
     }
     conn.close().await.unwrap();
-    let mut calls: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    // Per item, its calls in order: (arrival in ms, answered with an error).
+    let mut calls: BTreeMap<String, Vec<(i64, bool)>> = BTreeMap::new();
     for call in requests.ledger() {
         if call.run != run {
             continue;
         }
         let at =
             i64::try_from(call.started.duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap();
-        calls.entry(call.item).or_default().push(at);
+        calls
+            .entry(call.item)
+            .or_default()
+            .push((at, call.code.is_some()));
     }
     for (key, (status, updated)) in &items {
-        match calls.get(key) {
+        match calls.get_mut(key) {
             None if status != "invalid" => report.missed += 1,
             None => {}
             Some(times) => {
-                report.redelivered += times.len() - 1;
+                times.sort_unstable();
+                // A call after one that did not answer with an error is a redelivery (work
+                // redone after a crash, say); one after an error is a retry, by design.
+                report.redelivered += times.windows(2).filter(|w| !w[0].1).count();
                 if status == "succeeded" {
                     // A millisecond of slack: both clocks are this machine's.
                     report.effective_duplicates +=
-                        times.iter().filter(|t| **t > *updated + 1).count();
+                        times.iter().filter(|(t, _)| *t > *updated + 1).count();
                 }
             }
         }
