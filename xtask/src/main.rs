@@ -163,6 +163,65 @@ fn codegen(root: &Path) -> anyhow::Result<()> {
 /// their `FAULT-REPORT` lines into `target/faults/summary.json` and prints a table; `cargo xtask
 /// test` runs them once as part of the workspace tests.
 fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let mut only = Vec::new();
+    let mut repeat = 1;
+    let mut env = Vec::new();
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .with_context(|| format!("{flag} {value:?} is not a whole number"))
+        };
+        match flag.as_str() {
+            "--repeat" => repeat = number()?.max(1),
+            "--items" => env.push(("FAULTS_ITEMS", number()?.to_string())),
+            "--seed" => env.push(("FAULTS_SEED", number()?.to_string())),
+            "--only" => only = scenario_filters(value)?,
+            other => bail!(
+                "unknown faults option {other:?} (--repeat N, --only F1,F3, --items N, --seed S)"
+            ),
+        }
+    }
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for round in 1..=repeat {
+        eprintln!("== fault scenarios, repeat {round} of {repeat}");
+        let (ok, mut found) = fault_round(root, &only, &env)?;
+        reports.append(&mut found);
+        if !ok {
+            failed.push(round);
+        }
+    }
+    let dir = root.join("target/faults");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let summary = dir.join("summary.json");
+    std::fs::write(
+        &summary,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "repeats": repeat,
+            "failed_repeats": failed,
+            "reports": reports,
+        }))?,
+    )
+    .with_context(|| format!("writing {}", summary.display()))?;
+    print!("{}", fault_table(&reports));
+    eprintln!("wrote {}", summary.display());
+    if !failed.is_empty() {
+        bail!("the fault scenarios failed in repeat(s) {failed:?}");
+    }
+    Ok(())
+}
+
+/// Runs the scenarios once; returns whether they passed, and their reports.
+fn fault_round(
+    root: &Path,
+    only: &[String],
+    env: &[(&str, String)],
+) -> anyhow::Result<(bool, Vec<serde_json::Value>)> {
     use std::io::{BufRead, BufReader};
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     command
@@ -175,35 +234,11 @@ fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
             "faults",
             "--",
         ])
+        .args(["--test-threads", "1", "--nocapture"])
+        .args(only)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(root)
         .stdout(std::process::Stdio::piped());
-    let mut only = Vec::new();
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        let variable = match flag.as_str() {
-            "--repeat" => "FAULTS_REPEAT",
-            "--items" => "FAULTS_ITEMS",
-            "--seed" => "FAULTS_SEED",
-            "--only" => {
-                only = scenario_filters(value)?;
-                continue;
-            }
-            other => bail!(
-                "unknown faults option {other:?} (--repeat N, --only F1,F3, --items N, --seed S)"
-            ),
-        };
-        value
-            .parse::<u64>()
-            .with_context(|| format!("{flag} {value:?} is not a whole number"))?;
-        command.env(variable, value);
-    }
-    // Scenarios run one at a time: each starts servers and injects faults on this machine.
-    command
-        .args(["--test-threads", "1", "--nocapture"])
-        .args(&only);
     eprintln!(
         "$ cargo test -p batch-e2e --test faults -- --test-threads 1 {}",
         only.join(" ")
@@ -227,20 +262,7 @@ fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
-    let dir = root.join("target/faults");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let summary = dir.join("summary.json");
-    std::fs::write(
-        &summary,
-        serde_json::to_string_pretty(&serde_json::json!({ "reports": reports }))?,
-    )
-    .with_context(|| format!("writing {}", summary.display()))?;
-    print!("{}", fault_table(&reports));
-    eprintln!("wrote {}", summary.display());
-    if !status.success() {
-        bail!("the fault scenarios failed ({status})");
-    }
-    Ok(())
+    Ok((status.success(), reports))
 }
 
 /// `F1,F3` as the test-name filters `f1_`, `f3_`.
