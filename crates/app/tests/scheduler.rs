@@ -196,6 +196,38 @@ async fn after_downtime_each_misfire_policy_holds() {
     assert_eq!(next.fired.len(), 3);
 }
 
+/// A tick that comes a few seconds late (the one before was slow: a restart's catch-up, a slow
+/// database) finds several fires of a fast schedule due, all of them on time: every policy
+/// fires each once. `fire_once` used to fire only the last (fault scenario F8).
+#[tokio::test]
+async fn a_late_tick_loses_no_fire_that_is_still_on_time() {
+    let start = utc("2027-01-01T10:00:00Z");
+    let every_2s = json!({"cron": "*/2 * * * * *"});
+    let jobs = vec![
+        job("skip", every_2s.clone(), json!({"policy": "skip"})),
+        job("once", every_2s.clone(), json!({"policy": "fire_once"})),
+        job(
+            "catch",
+            every_2s,
+            json!({"policy": "catch_up", "window_seconds": 60}),
+        ),
+    ];
+    let world = world(start);
+    let scheduler = world.scheduler(&jobs);
+    assert_eq!(scheduler.tick(start).await.unwrap().fired.len(), 3);
+    let late = scheduler.tick(start + Duration::seconds(5)).await.unwrap();
+    assert_eq!(late.dropped, 0);
+    for id in ["skip", "once", "catch"] {
+        let fired: Vec<String> = late
+            .fired
+            .iter()
+            .filter(|f| f.job.as_str() == id)
+            .map(|f| f.nominal.format("%H:%M:%S").to_string())
+            .collect();
+        assert_eq!(fired, ["10:00:02", "10:00:04"], "{id}");
+    }
+}
+
 #[tokio::test]
 async fn a_restart_neither_loses_nor_repeats_a_tick() {
     let start = utc("2027-01-01T00:00:00Z");

@@ -3,8 +3,10 @@
 //!
 //! A fire is *on time* when the tick comes at most [`ON_TIME`] after its (jittered) fire
 //! instant; older due fires were *missed* (the service was down or overloaded). Missed fires
-//! follow the policy: `skip` drops them, `fire_once` fires the most recent one once in their
-//! place, `catch_up` fires each one whose fire instant lies inside the window, oldest first.
+//! follow the policy: `skip` drops them, `fire_once` fires the most recent due fire once in
+//! place of all of them, `catch_up` fires each one whose fire instant lies inside the window,
+//! oldest first. A tick that finds only fires on time due (it comes a little late, after a
+//! slow tick or a short restart) fires each of them under every policy.
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -54,6 +56,8 @@ pub fn due_fires(
     let on_time = |n: &DateTime<Utc>| now - schedule.fire_at(key, *n) <= ON_TIME;
     let fire: Vec<DateTime<Utc>> = match misfire {
         Misfire::Skip => due.into_iter().filter(on_time).collect(),
+        // Nothing missed: nothing to fire once in place of.
+        Misfire::FireOnce if due.iter().all(on_time) => due.into_iter().collect(),
         Misfire::FireOnce => due.back().copied().into_iter().collect(),
         Misfire::CatchUp { window } => {
             let window = Duration::from_std(window).unwrap_or(Duration::MAX);
@@ -133,6 +137,41 @@ mod tests {
         ] {
             check(policy, "2027-01-01T10:00:30Z", &["10:00"], 0);
         }
+    }
+
+    #[test]
+    fn a_late_tick_fires_every_fire_still_on_time_under_every_policy() {
+        // A schedule every 2 s and a tick 3 s late (the previous tick was slow): 10:00:00 and
+        // 10:00:02 are both on time, and fire_once used to drop the first.
+        let every_2s = Schedule::new(
+            Recurrence::Cron(crate::schedule::CronSpec::parse("*/2 * * * * *").unwrap()),
+            Zone::UTC,
+        );
+        for policy in [
+            Misfire::Skip,
+            Misfire::FireOnce,
+            Misfire::CatchUp {
+                window: std::time::Duration::from_secs(1),
+            },
+        ] {
+            let due = due_fires(
+                &every_2s,
+                "job",
+                utc("2027-01-01T10:00:00Z"),
+                utc("2027-01-01T10:00:03Z"),
+                policy,
+            );
+            assert_eq!(
+                (due.fire, due.dropped),
+                (
+                    vec![utc("2027-01-01T10:00:00Z"), utc("2027-01-01T10:00:02Z")],
+                    0
+                ),
+                "{policy:?}"
+            );
+        }
+        // Missed fires next to one on time: the most recent fire takes the place of them all.
+        check(Misfire::FireOnce, "2027-01-01T13:00:10Z", &["13:00"], 3);
     }
 
     #[test]

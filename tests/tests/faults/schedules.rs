@@ -306,14 +306,22 @@ async fn f4_racing_replicas_fire_every_instant_exactly_once() {
         fault_end = now_ms();
     }
     sleep_until(to).await;
-    // The replicas may lag behind the clock under load: wait (bounded) for the window's last
-    // instants before judging.
+    // The replicas lag behind the clock when this machine is busy: wait for the window's last
+    // instants before judging, as long as fires keep coming (one a minute at least), at most
+    // half an hour.
     let conn = Database::connect(db.url.as_str()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180 + secs / 2);
+    let give_up = Instant::now() + Duration::from_secs(1_800);
+    let mut progress = Instant::now();
     let mut fired = Fired::read(&conn).await;
-    while fired.missed(&schedules, from, to) > 0 && Instant::now() < deadline {
+    let mut missing = fired.missed(&schedules, from, to);
+    while missing > 0 && progress.elapsed() < Duration::from_secs(60) && Instant::now() < give_up {
         tokio::time::sleep(Duration::from_millis(500)).await;
         fired = Fired::read(&conn).await;
+        let now_missing = fired.missed(&schedules, from, to);
+        if now_missing < missing {
+            progress = Instant::now();
+        }
+        missing = now_missing;
     }
     let caught_up = now_ms();
     let expected: usize = schedules
@@ -359,7 +367,8 @@ async fn f4_racing_replicas_fire_every_instant_exactly_once() {
 enum Policy {
     /// `skip`: missed fires are dropped; fires at most a minute late are on time.
     Skip,
-    /// `fire_once`: the most recent due fire, once, in place of all of them.
+    /// `fire_once`: the most recent due fire, once, in place of all of them, when any was
+    /// missed (more than a minute late); otherwise each of them.
     FireOnce,
     /// `catch_up` with a window (ms): every due fire inside the window (or on time).
     CatchUp(i64),
@@ -382,7 +391,12 @@ impl Policy {
     fn fires(self, due: &[i64], nominal: i64, tick: i64) -> bool {
         match self {
             Policy::Skip => tick - nominal <= ON_TIME_MS,
-            Policy::FireOnce => due.last() == Some(&nominal),
+            Policy::FireOnce => {
+                due.last() == Some(&nominal)
+                    || due
+                        .first()
+                        .is_some_and(|oldest| tick - oldest <= ON_TIME_MS)
+            }
             Policy::CatchUp(window) => tick - nominal <= window.max(ON_TIME_MS),
         }
     }
@@ -410,9 +424,10 @@ async fn wait_for_fires(conn: &DatabaseConnection, schedules: &BTreeMap<String, 
 }
 
 /// F8: one server with a job per misfire policy, each firing every 2 s, is killed twice: down
-/// 7 s (every policy but `fire_once` catches up: all its fires are still on time) and down
+/// 7 s (every policy catches up: the fires due are all still on time) and down
 /// `FAULTS_F8_DOWN_SECS` (default 75: past the minute a fire stays on time, so `skip` drops
-/// the oldest, `catch_up` with 66 s drops fewer, `catch_up` with an hour none). At each
+/// the oldest, `fire_once` fires the latest only, `catch_up` with 66 s drops fewer than
+/// `skip`, `catch_up` with an hour none). At each
 /// restart the first tick fires what the job's policy says, each instant once; every other
 /// instant fires exactly once. The moment of that first tick is known only between the
 /// restart and its first fire: the checker takes the moment in that interval that explains
@@ -530,27 +545,32 @@ async fn f8_each_misfire_policy_holds_across_a_downtime() {
                 .collect();
             let errors = |tick: i64| {
                 let due: Vec<i64> = region.iter().copied().filter(|n| *n <= tick).collect();
-                let (mut missed, mut extra) = (0, 0);
+                // Wrong instants, as seconds after the restart: `-` missed, `+` extra.
+                let mut wrong = Vec::new();
                 for nominal in &region {
                     let expected = *nominal > tick || policy.fires(&due, *nominal, tick);
                     let ran = fired.runs_at(job, *nominal) > 0;
-                    missed += usize::from(expected && !ran);
-                    extra += usize::from(!expected && ran);
+                    if expected != ran {
+                        let sign = if expected { '-' } else { '+' };
+                        wrong.push(format!("{sign}{:.1}", (nominal - low) as f64 / 1e3));
+                    }
                 }
-                (missed, extra, due.len())
+                (wrong, due.len())
             };
-            let (tick, (missed, extra, due)) = (*low..=*high)
+            let (tick, (wrong, due)) = (*low..=*high)
                 .step_by(50)
                 .map(|tick| (tick, errors(tick)))
-                .min_by_key(|(_, (missed, extra, _))| missed + extra)
+                .min_by_key(|(_, (wrong, _))| wrong.len())
                 .unwrap();
+            let missed = wrong.iter().filter(|w| w.starts_with('-')).count();
+            let extra = wrong.len() - missed;
             let ran = region
                 .iter()
                 .filter(|n| **n <= tick && fired.runs_at(job, **n) > 0)
                 .count();
             story.push_str(&format!(
                 "; restart {}: {due} due at its first tick (+{:.1} s), {ran} fired, {missed} \
-                 missed, {extra} extra",
+                 missed, {extra} extra {wrong:?}",
                 i + 1,
                 (tick - low) as f64 / 1e3
             ));
