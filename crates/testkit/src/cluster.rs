@@ -26,6 +26,7 @@ pub struct PrivateCluster {
     dir: PathBuf,
     port: u16,
     as_postgres: bool,
+    options: String,
 }
 
 impl PrivateCluster {
@@ -38,6 +39,18 @@ impl PrivateCluster {
     /// When the binaries exist but the cluster cannot be created or started (the message holds
     /// the server's log), or under CI when the binaries are missing.
     pub fn start() -> Result<PrivateCluster, Unavailable> {
+        PrivateCluster::start_with("")
+    }
+
+    /// As [`PrivateCluster::start`], with extra server options (`-c name=value …`), such as
+    /// `-c shared_preload_libraries=pg_stat_statements` for counting statements.
+    ///
+    /// # Errors
+    /// As [`PrivateCluster::start`].
+    ///
+    /// # Panics
+    /// As [`PrivateCluster::start`].
+    pub fn start_with(options: &str) -> Result<PrivateCluster, Unavailable> {
         let bin = match Command::new("pg_config").arg("--bindir").output() {
             Ok(out) if out.status.success() => {
                 PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
@@ -66,6 +79,7 @@ impl PrivateCluster {
             dir,
             port,
             as_postgres,
+            options: options.to_owned(),
         };
         if as_postgres {
             let status = Command::new("chown")
@@ -129,9 +143,10 @@ impl PrivateCluster {
     pub fn start_again(&self) {
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off \
-             -c full_page_writes=off -c max_connections=200",
+             -c full_page_writes=off -c max_connections=200 {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.options
         );
         let log = self.dir.join("server.log");
         self.run(

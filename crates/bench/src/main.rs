@@ -1,0 +1,303 @@
+//! `batch-bench`: the measurements of `cargo xtask bench`, each printed as one JSON line on
+//! stdout for xtask to collect. Every figure is a ratio or a count taken within one process
+//! run, so a noisy machine moves both sides of a comparison together.
+//!
+//! * `throughput` (P1, P2, P3): an Individual run of N users through the real processor with
+//!   persistence (SQLite file or a private PostgreSQL cluster with `pg_stat_statements`)
+//!   against the fake Request service (real tonic), compared with a bare tonic client loop
+//!   that keeps the same number of calls in flight against the same fake; on PostgreSQL also
+//!   the database statements per item.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use batch_app::Ports;
+use batch_app::processor::{BatchProcessor, ProcessorSettings};
+use batch_app::strategy::{Scope, Strategies};
+use batch_clients::breaker::BreakerSettings;
+use batch_clients::grpc::{ChannelSettings, GrpcExecutor};
+use batch_clients::local::FileTemplates;
+use batch_domain::config::parse_job;
+use batch_domain::run::{RunStatus, Trigger};
+use batch_ports::{Clock, SystemClock};
+use batch_proto::request::v1 as request;
+use batch_proto::request::v1::request_service_client::RequestServiceClient;
+use batch_store::Store;
+use batch_testkit::cluster::PrivateCluster;
+use batch_testkit::siblings::{FakeRequestService, SiblingServer, Siblings};
+use clap::Parser;
+use sea_orm::{ConnectionTrait, Database};
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "batch-bench",
+    about = "agent-batch benchmarks (run by cargo xtask bench)"
+)]
+enum Command {
+    /// P1/P2/P3: the processor's throughput against a bare client loop.
+    Throughput(ThroughputArgs),
+}
+
+/// What `throughput` runs.
+#[derive(Debug, clap::Args)]
+struct ThroughputArgs {
+    /// `sqlite` or `postgres`.
+    #[arg(long)]
+    backend: String,
+    /// Items (users) in the run.
+    #[arg(long, default_value_t = 100_000)]
+    items: usize,
+    /// The fake Request service's latency per call, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Calls in flight: the job's concurrency and the bare loop's.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Items per chunk.
+    #[arg(long, default_value_t = 500)]
+    chunk_size: usize,
+    /// The templates directory.
+    #[arg(long, default_value = "config/templates")]
+    templates: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match Command::parse() {
+        Command::Throughput(args) => runtime.block_on(throughput(&args)),
+    }
+}
+
+/// A database for the run: a SQLite file in a temporary directory or a private PostgreSQL
+/// cluster (kept alive by the returned guard).
+enum Backing {
+    Sqlite(PathBuf),
+    Postgres(PrivateCluster),
+}
+
+impl Backing {
+    fn open(backend: &str) -> anyhow::Result<Backing> {
+        Ok(match backend {
+            "sqlite" => {
+                let dir = std::env::temp_dir().join(format!("batch-bench-{}", std::process::id()));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                Backing::Sqlite(dir)
+            }
+            "postgres" => Backing::Postgres(
+                PrivateCluster::start_with("-c shared_preload_libraries=pg_stat_statements")
+                    .map_err(|batch_testkit::Unavailable::Skip(why)| anyhow::anyhow!(why))?,
+            ),
+            other => bail!("unknown backend {other:?} (sqlite or postgres)"),
+        })
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Backing::Sqlite(dir) => format!("sqlite://{}/bench.db?mode=rwc", dir.display()),
+            Backing::Postgres(cluster) => cluster.url("postgres"),
+        }
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if let Backing::Sqlite(dir) = self {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Runs `throughput` and prints its JSON line.
+async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
+    let fake = Arc::new(FakeRequestService::default());
+    fake.faults
+        .set_latency(Duration::from_millis(args.latency_ms));
+    let server = SiblingServer::start(
+        &Siblings {
+            requests: Some(fake.clone()),
+            ..Siblings::default()
+        },
+        "127.0.0.1:0".parse().context("address")?,
+    )
+    .await;
+    let bare = bare_loop(&server.url(), args.items, args.concurrency).await?;
+    let backing = Backing::open(&args.backend)?;
+    let url = backing.url();
+    let store = Arc::new(
+        Store::open(&url, true)
+            .await
+            .with_context(|| format!("opening {url}"))?,
+    );
+    add_users(&url, args.items).await?;
+    if matches!(backing, Backing::Postgres(_)) {
+        statements(&url, true).await?;
+    }
+    let processed = processor_run(args, &server.url(), store).await?;
+    let per_item = match backing {
+        Backing::Postgres(_) => Some(statements(&url, false).await? as f64 / args.items as f64),
+        Backing::Sqlite(_) => None,
+    };
+    let ceiling =
+        (args.latency_ms > 0).then(|| args.concurrency as f64 / (args.latency_ms as f64 / 1_000.0));
+    let line = serde_json::json!({
+        "backend": args.backend,
+        "items": args.items,
+        "latency_ms": args.latency_ms,
+        "concurrency": args.concurrency,
+        "chunk_size": args.chunk_size,
+        "processor_per_s": args.items as f64 / processed.as_secs_f64(),
+        "bare_per_s": args.items as f64 / bare.as_secs_f64(),
+        "littles_law_per_s": ceiling,
+        "statements_per_item": per_item,
+    });
+    println!("{line}");
+    server.stop().await;
+    Ok(())
+}
+
+/// `items` calls to the fake with `concurrency` in flight, as `buffer_unordered` would keep
+/// them: the physical limit of this machine's gRPC path. Returns how long they took.
+async fn bare_loop(url: &str, items: usize, concurrency: usize) -> anyhow::Result<Duration> {
+    let client = RequestServiceClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_owned())?
+            .connect()
+            .await
+            .context("connecting the bare client")?,
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let next = next.clone();
+        workers.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= items {
+                    return Ok::<(), tonic::Status>(());
+                }
+                client
+                    .clone()
+                    .execute(request::ExecuteRequest {
+                        request_id: format!("bare-{n}"),
+                        tenant_id: "bench".to_owned(),
+                        user_id: format!("user{n:07}"),
+                        template_id: "digest".to_owned(),
+                        idempotency_key: format!("bare:user{n:07}"),
+                        ..request::ExecuteRequest::default()
+                    })
+                    .await?;
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.context("a bare worker panicked")?
+            .context("a bare call failed")?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Adds `items` active users of tenant `bench`.
+async fn add_users(url: &str, items: usize) -> anyhow::Result<()> {
+    let conn = Database::connect(url).await.context("connecting")?;
+    for start in (0..items).step_by(1_000) {
+        let rows: Vec<String> = (start..(start + 1_000).min(items))
+            .map(|n| format!("('bench', 'user{n:07}', TRUE, '{{\"team\": \"load\"}}')"))
+            .collect();
+        conn.execute_unprepared(&format!(
+            "INSERT INTO system_users (tenant, user_id, active, attributes) VALUES {}",
+            rows.join(", ")
+        ))
+        .await
+        .context("adding users")?;
+    }
+    conn.close().await.context("closing")?;
+    Ok(())
+}
+
+/// Resets (`reset`) or reads the statements PostgreSQL executed for the database, less the
+/// reading itself.
+async fn statements(url: &str, reset: bool) -> anyhow::Result<u64> {
+    let conn = Database::connect(url).await.context("connecting")?;
+    if reset {
+        conn.execute_unprepared("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+            .context("pg_stat_statements")?;
+        conn.execute_unprepared("SELECT pg_stat_statements_reset()")
+            .await?;
+        conn.close().await?;
+        return Ok(0);
+    }
+    let row = conn
+        .query_one_raw(sea_orm::Statement::from_string(
+            conn.get_database_backend(),
+            "SELECT COALESCE(SUM(calls), 0)::BIGINT AS calls FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND query NOT LIKE '%pg_stat_statements%'",
+        ))
+        .await?
+        .context("no answer")?;
+    let calls: i64 = row.try_get("", "calls")?;
+    conn.close().await?;
+    Ok(u64::try_from(calls).unwrap_or(0))
+}
+
+/// Prepares and executes one run of the bench job; returns how long it took from the trigger
+/// to the run's end.
+async fn processor_run(
+    args: &ThroughputArgs,
+    endpoint: &str,
+    store: Arc<Store>,
+) -> anyhow::Result<Duration> {
+    let job = parse_job(serde_json::json!({
+        "id": "bench", "tenant": "bench", "type": "INDIVIDUAL_USERS", "template": "digest",
+        "source": {"users": {"filter": {"team": "load"}}},
+        "execution": {"concurrency": args.concurrency, "chunk_size": args.chunk_size,
+            "timeout_ms": 30000},
+    }))
+    .map_err(|p| anyhow::anyhow!("the bench job: {p}"))?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let templates = Arc::new(
+        FileTemplates::load(&args.templates)
+            .with_context(|| format!("templates in {}", args.templates.display()))?,
+    );
+    let executor = Arc::new(GrpcExecutor::new(
+        &ChannelSettings::new(endpoint),
+        BreakerSettings::default(),
+        clock.clone(),
+    )?);
+    let ports = Ports {
+        runs: store.clone(),
+        contexts: store.clone(),
+        users: store.clone(),
+        categories: store.clone(),
+        preferences: store,
+        templates,
+        executor,
+        clock,
+    };
+    let processor = BatchProcessor::new(ports, Strategies::default(), ProcessorSettings::default());
+    let started = Instant::now();
+    let run = processor
+        .start(&job, Trigger::Manual, None, &Scope::default(), None)
+        .await?;
+    let mut execution = processor
+        .open(&job, &run.id)
+        .await?
+        .context("the run was taken")?;
+    let status = execution.run_to_completion().await?;
+    let took = started.elapsed();
+    if status != RunStatus::Succeeded {
+        bail!("the bench run ended {status}");
+    }
+    Ok(took)
+}
