@@ -3,7 +3,9 @@
 //! * `test` — everything CI checks: formatting, clippy with warnings denied, and every test of
 //!   the workspace (the tidy checks in this crate included);
 //! * `codegen` — rewrites generated files that are committed (`config/jobs.schema.json`);
-//! * `deny` — cargo-deny's licenses, bans and sources checks (advisories need the network).
+//! * `deny` — cargo-deny's licenses, bans and sources checks (advisories need the network);
+//! * `faults` — the fault scenarios of issue 9 against the real binaries, with a summary;
+//! * `bench` — the benchmarks of issue 8 (release build), with `target/bench/summary.json`.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+mod bench;
 #[cfg(test)]
 mod tidy;
 
@@ -22,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         Some("codegen") => codegen(&root),
         Some("deny") => deny(&root),
         Some("faults") => faults(&root, &args[1..]),
+        Some("bench") => bench::run(&root, &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -29,7 +33,8 @@ fn main() -> anyhow::Result<()> {
                  test     fmt check, clippy -D warnings, all workspace tests (tidy included)\n  \
                  codegen  rewrite committed generated files (config/jobs.schema.json)\n  \
                  deny     cargo deny check licenses bans sources\n  \
-                 faults   the fault scenarios against the real server [--repeat N] [--only F1,F3] [--items N] [--seed S]"
+                 faults   the fault scenarios against the real server [--repeat N] [--only F1,F3] [--items N] [--seed S]\n  \
+                 bench    the benchmarks of issue 8 [--quick] [--only P1,P4]; writes target/bench/summary.json"
             );
             bail!("unknown or missing command {:?}", args.first());
         }

@@ -7,6 +7,7 @@
 //!   against the fake Request service (real tonic), compared with a bare tonic client loop
 //!   that keeps the same number of calls in flight against the same fake; on PostgreSQL also
 //!   the database statements per item.
+//! * `memory` (P4) and `replicas` (P6): the real `batch-server` binary (see [`server`]).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ use batch_testkit::siblings::{FakeRequestService, SiblingServer, Siblings};
 use clap::Parser;
 use sea_orm::{ConnectionTrait, Database};
 
+mod server;
+
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +44,10 @@ use sea_orm::{ConnectionTrait, Database};
 enum Command {
     /// P1/P2/P3: the processor's throughput against a bare client loop.
     Throughput(ThroughputArgs),
+    /// P4: the server's peak memory for a large run against a small one.
+    Memory(server::MemoryArgs),
+    /// P6: two server replicas against one.
+    Replicas(server::ReplicaArgs),
 }
 
 /// What `throughput` runs.
@@ -73,6 +80,8 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     match Command::parse() {
         Command::Throughput(args) => runtime.block_on(throughput(&args)),
+        Command::Memory(args) => runtime.block_on(server::memory(&args)),
+        Command::Replicas(args) => runtime.block_on(server::replicas(&args)),
     }
 }
 
