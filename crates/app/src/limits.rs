@@ -33,7 +33,10 @@ pub(crate) struct RateLimit {
 impl RateLimit {
     /// A limit of `rate` per second (rates below one per hour are treated as one per hour).
     pub(crate) fn per_second(rate: f64, clock: Arc<dyn Clock>) -> Self {
-        let period = Duration::from_secs_f64((1.0 / rate).min(3_600.0));
+        // A rate above 10^9 per second would round its period to zero, which governor
+        // refuses; one nanosecond is as good as unlimited.
+        let period =
+            Duration::from_secs_f64((1.0 / rate).min(3_600.0)).max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::MIN);
@@ -54,6 +57,28 @@ impl RateLimit {
                     self.clock.0.sleep(wait.max(Duration::from_micros(1))).await;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by F11 (a huge `rate_limit_per_sec` in the jobs file): a rate whose period
+    /// rounds to zero fell back to one start per second instead of no limit to speak of.
+    #[test]
+    fn a_huge_rate_is_not_one_per_second() {
+        let clock = Arc::new(batch_testkit::ManualClock::new(chrono::Utc::now()));
+        for rate in [1e10, 1e30, f64::MAX] {
+            let limit = RateLimit::per_second(rate, clock.clone());
+            assert!(limit.limiter.check().is_ok());
+            let wait = limit
+                .limiter
+                .check()
+                .expect_err("the clock stands still")
+                .wait_time_from(limit.clock.now());
+            assert!(wait <= Duration::from_micros(1), "{rate}: waits {wait:?}");
         }
     }
 }
