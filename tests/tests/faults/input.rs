@@ -2,7 +2,7 @@
 //! and by `serve` with an error naming the field, never a panic, and `serve` writes nothing;
 //! truncated, random and oversized gRPC messages are answered with an error code, the server
 //! stays up and nothing is written. (The parsers themselves are fuzzed with proptest in
-//! `crates/domain/tests/malformed.rs`: every field of the jobs file wrong in turn, random
+//! `crates/domain/tests/malformed_input.rs`: every field of the jobs file wrong in turn, random
 //! bytes, JSON and cron text.)
 
 use std::process::Command;
