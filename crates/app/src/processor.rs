@@ -492,6 +492,7 @@ impl BatchProcessor {
             )),
             run: record,
             notes,
+            counts: None,
         })
     }
 
@@ -555,6 +556,11 @@ pub struct Execution<'p> {
     limiter: Option<Arc<RateLimit>>,
     semaphore: Arc<Semaphore>,
     notes: Vec<String>,
+    /// The run's item counts as of the last chunk this execution recorded, kept up to date
+    /// from its outcomes instead of counted again after every chunk (a count reads every item
+    /// of the run: quadratic over a large run). `None` until first counted; the end of the
+    /// run counts afresh.
+    counts: Option<batch_domain::run::ItemCounts>,
 }
 
 /// What became of one item's request.
@@ -818,7 +824,18 @@ impl Execution<'_> {
             failed = count(ItemStatus::Failed),
             retried = count(ItemStatus::Pending),
         );
-        let counts = self.ports().runs.counts(&run_id).await?;
+        // Every item of the chunk was pending when claimed; each now has its outcome's status.
+        let counts = match self.counts.take() {
+            Some(mut counts) => {
+                for outcome in &outcomes {
+                    counts.pending = counts.pending.saturating_sub(1);
+                    counts.add(outcome.status, 1);
+                }
+                counts
+            }
+            None => self.ports().runs.counts(&run_id).await?,
+        };
+        self.counts = Some(counts);
         self.processor
             .contexts
             .update(&self.run, &counts, &self.notes)

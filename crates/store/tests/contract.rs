@@ -511,8 +511,14 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
         .await
         .unwrap();
     let used = statements.load(Ordering::SeqCst) - before;
-    // One UPDATE … FROM (VALUES …) (transaction control is not counted).
-    assert!(used <= 2, "1 000 outcomes took {used} statements");
+    // One UPDATE … FROM (VALUES …) on PostgreSQL; on SQLite, statements of at most 512
+    // parameters (7 per outcome), since binding costs grow with the square of their number
+    // there (transaction control is not counted).
+    let bound = match backend {
+        Backend::Postgres => 1,
+        Backend::Sqlite => 1_000_usize.div_ceil(512 / 7),
+    };
+    assert!(used <= bound + 1, "1 000 outcomes took {used} statements");
 
     let counts = store.counts(&id).await.unwrap();
     assert_eq!(
