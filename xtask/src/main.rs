@@ -191,6 +191,12 @@ fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
             ),
         }
     }
+    // The scenarios start the real binaries: `cargo test -p batch-e2e` alone does not build
+    // them (found on a clean clone).
+    cargo(
+        root,
+        &["build", "--locked", "-p", "batch-server", "-p", "batchctl"],
+    )?;
     let mut reports = Vec::new();
     let mut failed = Vec::new();
     for round in 1..=repeat {
