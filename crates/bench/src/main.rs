@@ -33,6 +33,7 @@ use batch_testkit::siblings::{FakeRequestService, SiblingServer, Siblings};
 use clap::Parser;
 use sea_orm::{ConnectionTrait, Database};
 
+mod scheduler;
 mod server;
 
 /// The command line.
@@ -48,6 +49,8 @@ enum Command {
     Memory(server::MemoryArgs),
     /// P6: two server replicas against one.
     Replicas(server::ReplicaArgs),
+    /// P5: the scheduler's idle tick, grouping and burst at scale.
+    Scheduler(scheduler::SchedulerArgs),
 }
 
 /// What `throughput` runs.
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Throughput(args) => runtime.block_on(throughput(&args)),
         Command::Memory(args) => runtime.block_on(server::memory(&args)),
         Command::Replicas(args) => runtime.block_on(server::replicas(&args)),
+        Command::Scheduler(args) => runtime.block_on(scheduler::scheduler(&args)),
     }
 }
 
