@@ -8,6 +8,7 @@
 //!   that keeps the same number of calls in flight against the same fake; on PostgreSQL also
 //!   the database statements per item.
 //! * `memory` (P4) and `replicas` (P6): the real `batch-server` binary (see [`server`]).
+//! * `scheduler` (P5): the scheduler's idle tick, grouping and burst costs (see [`scheduler`]).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -303,12 +304,19 @@ async fn processor_run(
     let run = processor
         .start(&job, Trigger::Manual, None, &Scope::default(), None)
         .await?;
+    let prepared = started.elapsed();
     let mut execution = processor
         .open(&job, &run.id)
         .await?
         .context("the run was taken")?;
     let status = execution.run_to_completion().await?;
     let took = started.elapsed();
+    eprintln!(
+        "prepared {} items in {:.2} s, executed in {:.2} s",
+        args.items,
+        prepared.as_secs_f64(),
+        (took - prepared).as_secs_f64()
+    );
     if status != RunStatus::Succeeded {
         bail!("the bench run ended {status}");
     }
