@@ -224,7 +224,12 @@ async fn a_stalled_call_ends_at_the_callers_deadline_and_a_refused_connection_is
     )
     .unwrap();
     let error = refused.execute(request("run-1:down")).await.unwrap_err();
-    assert_eq!(error.kind, FailureKind::Retryable, "{}", error.message);
+    // Retried later, without costing the item an attempt: the service never saw it.
+    assert!(
+        matches!(error.kind, FailureKind::NotAttempted { .. }),
+        "{}",
+        error.message
+    );
     assert!(
         GrpcExecutor::new(
             &ChannelSettings::new("localhost:1"),
@@ -422,4 +427,26 @@ async fn preferences_are_listed_page_by_page_and_an_outage_is_unavailable() {
     server.stop().await;
     let down = source.list(&acme, &feature, None, 2).await;
     assert!(matches!(down, Err(SourceError::Unavailable(_))), "{down:?}");
+}
+
+/// F5's regression: a refused connection never reached the service, so it costs the item no
+/// attempt (during a long outage the breaker's probes used up the attempts of the items they
+/// happened to carry); the breaker still counts it.
+#[tokio::test]
+async fn a_refused_connection_is_not_an_attempt() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let refused = executor(&url, NEVER_OPENS, Arc::new(SystemClock));
+    let error = refused.execute(request("run-1:alice")).await.unwrap_err();
+    assert!(
+        matches!(error.kind, FailureKind::NotAttempted { .. }),
+        "{error:?}"
+    );
+    // A service that answers UNAVAILABLE itself was reached: that is an attempt.
+    let (fake, server) = request_server().await;
+    fake.faults.fail(100, tonic::Code::Unavailable);
+    let reached = executor(&server.url(), NEVER_OPENS, Arc::new(SystemClock));
+    let error = reached.execute(request("run-1:bob")).await.unwrap_err();
+    assert_eq!(error.kind, FailureKind::Retryable, "{error:?}");
 }

@@ -122,8 +122,17 @@ impl RequestExecutor for GrpcExecutor {
                 }
             }
             Err(status) => {
-                let kind = failure_kind(status.code());
-                self.breaker.record(kind == FailureKind::Retryable);
+                let kind = if never_sent(&status) {
+                    // The connection was refused: the service never saw the request, so it
+                    // costs the item no attempt (a long outage would otherwise use up the
+                    // attempts of the items that happen to be the breaker's probes).
+                    FailureKind::NotAttempted {
+                        retry_in: std::time::Duration::from_millis(200),
+                    }
+                } else {
+                    failure_kind(status.code())
+                };
+                self.breaker.record(kind != FailureKind::Permanent);
                 Err(ExecuteError {
                     kind,
                     message: format!("request service: {:?}: {}", status.code(), status.message()),
@@ -131,4 +140,22 @@ impl RequestExecutor for GrpcExecutor {
             }
         }
     }
+}
+
+/// Whether `status` says the call never reached the service: the connection to it was refused.
+/// Any other failure (reset, timeout, an answer) may come after the service started on it.
+fn never_sent(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
