@@ -220,16 +220,28 @@ async fn bare_loop(url: &str, items: usize, concurrency: usize) -> anyhow::Resul
     Ok(started.elapsed())
 }
 
-/// Adds `items` active users of tenant `bench`.
+/// Adds `items` active users of tenant `bench` in team `load`.
 async fn add_users(url: &str, items: usize) -> anyhow::Result<()> {
+    insert_users(
+        url,
+        (0..items).map(|n| format!("('bench', 'user{n:07}', TRUE, '{{\"team\": \"load\"}}')")),
+    )
+    .await
+}
+
+/// Inserts users into `system_users`, a thousand rows per statement; each of `rows` is one
+/// `(tenant, user_id, active, attributes)` tuple of SQL values.
+pub(crate) async fn insert_users(
+    url: &str,
+    rows: impl IntoIterator<Item = String>,
+) -> anyhow::Result<()> {
     let conn = Database::connect(url).await.context("connecting")?;
-    for start in (0..items).step_by(1_000) {
-        let rows: Vec<String> = (start..(start + 1_000).min(items))
-            .map(|n| format!("('bench', 'user{n:07}', TRUE, '{{\"team\": \"load\"}}')"))
-            .collect();
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let page: Vec<String> = rows.by_ref().take(1_000).collect();
         conn.execute_unprepared(&format!(
             "INSERT INTO system_users (tenant, user_id, active, attributes) VALUES {}",
-            rows.join(", ")
+            page.join(", ")
         ))
         .await
         .context("adding users")?;

@@ -38,7 +38,6 @@ use batch_testkit::fakes::{
     Behaviour, FakeCategories, FakeExecutor, FakePreferences, FakeTemplates, FakeUsers, MemoryRuns,
 };
 use chrono::{DateTime, Duration, Utc};
-use sea_orm::{ConnectionTrait, Database};
 use serde_json::json;
 
 /// What `scheduler` measures, and at which sizes.
@@ -513,20 +512,13 @@ async fn burst_sqlite_in(dir: &std::path::Path, count: usize) -> anyhow::Result<
             .with_context(|| format!("opening {url}"))?,
     );
     let users = burst_users(count);
-    let conn = Database::connect(&url).await.context("connecting")?;
-    for chunk in users.chunks(1_000) {
-        let rows: Vec<String> = chunk
+    crate::insert_users(
+        &url,
+        users
             .iter()
-            .map(|u| format!("('{TENANT}', '{u}', TRUE, NULL)"))
-            .collect();
-        conn.execute_unprepared(&format!(
-            "INSERT INTO system_users (tenant, user_id, active, attributes) VALUES {}",
-            rows.join(", ")
-        ))
-        .await
-        .context("adding users")?;
-    }
-    conn.close().await.context("closing")?;
+            .map(|u| format!("('{TENANT}', '{u}', TRUE, NULL)")),
+    )
+    .await?;
     store
         .upsert_preferences(&burst_preferences(&users)?)
         .await?;

@@ -16,7 +16,6 @@ use batch_proto::batch::v1 as pb;
 use batch_proto::batch::v1::batch_service_client::BatchServiceClient;
 use batch_testkit::cluster::PrivateCluster;
 use batch_testkit::siblings::{FakeRequestService, SiblingServer, Siblings};
-use sea_orm::{ConnectionTrait, Database};
 
 /// The tenant, token and team every benchmark job uses.
 const TENANT: &str = "bench";
@@ -215,23 +214,16 @@ impl Setup {
         batch_store::Store::open(&url, true)
             .await
             .with_context(|| format!("migrating {url}"))?;
-        let conn = Database::connect(url.as_str()).await?;
-        for start in (0..items).step_by(5_000) {
-            let rows: Vec<String> = (start..(start + 5_000).min(items))
-                .map(|n| {
-                    format!(
-                        "('{TENANT}', 'user{n:07}', TRUE, '{{\"team\": \"t{}\"}}')",
-                        n % jobs
-                    )
-                })
-                .collect();
-            conn.execute_unprepared(&format!(
-                "INSERT INTO system_users (tenant, user_id, active, attributes) VALUES {}",
-                rows.join(", ")
-            ))
-            .await?;
-        }
-        conn.close().await?;
+        crate::insert_users(
+            &url,
+            (0..items).map(|n| {
+                format!(
+                    "('{TENANT}', 'user{n:07}', TRUE, '{{\"team\": \"t{}\"}}')",
+                    n % jobs
+                )
+            }),
+        )
+        .await?;
         let definitions: Vec<serde_json::Value> = (0..jobs)
             .map(|n| {
                 serde_json::json!({
