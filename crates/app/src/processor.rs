@@ -1,12 +1,15 @@
 //! The BatchProcessor: one run from preparation to a terminal state.
 //!
 //! A run is prepared by its strategy and created with all its items (valid ones pending,
-//! invalid ones recorded as such). Executing it is a loop of steps ([`Execution::run_next_chunk`]):
-//! claim a chunk of due items under a lease, execute them with the job's concurrency limit
-//! (a semaphore) and rate limit (governor), record every outcome of the chunk in one store
-//! call, publish progress. Retryable failures are rescheduled with the job's backoff (attempt
-//! count and next attempt time are stored, so a restart continues the schedule); permanent
-//! failures and panics fail the item. When nothing is pending, references are handed out and
+//! invalid ones recorded as such). Executing it claims chunks of due items under a lease and
+//! executes them with the job's concurrency limit (a semaphore) and rate limit (governor),
+//! pipelined: the next chunk is claimed while the current one's last requests are in flight, and
+//! each chunk's outcomes are recorded in one store call as soon as its last request answered,
+//! while later chunks execute, so the concurrency limit stays full across chunk boundaries.
+//! Progress is published after every recorded chunk. [`Execution::run_next_chunk`] is one chunk
+//! at a time, without the pipeline, for callers that step a run. Retryable failures are
+//! rescheduled with the job's backoff (attempt count and next attempt time are stored, so a
+//! restart continues the schedule); permanent failures and panics fail the item. When nothing is pending, references are handed out and
 //! the run finishes with exact counts. A processor that opens an interrupted run only ever sees
 //! items that have not succeeded: succeeded items are never executed again.
 
@@ -92,7 +95,7 @@ pub struct ProgressEvent {
 /// What one step of an execution did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// A chunk of this many items was executed and recorded.
+    /// Chunks of this many items in all were executed and recorded.
     Worked(usize),
     /// Nothing is due before this instant (retries waiting for their backoff, or items leased
     /// by another processor).
@@ -525,6 +528,30 @@ impl BatchProcessor {
         sender.send_replace(Some(event));
     }
 
+    /// Renews the lease of `run` every third of its length until the lease is lost (the
+    /// returned error). A cancel requested meanwhile is passed on to the processor.
+    async fn heartbeat(&self, run: &RunId) -> Error {
+        let settings = &self.settings;
+        loop {
+            self.ports.clock.sleep(settings.run_lease / 3).await;
+            let until = self.ports.clock.now() + chrono_duration(settings.run_lease);
+            match self
+                .ports
+                .runs
+                .renew_lease(run, &settings.owner, until)
+                .await
+            {
+                Ok(true) => self.cancel(run),
+                Ok(false) => {}
+                Err(lost @ StoreError::LeaseLost(_)) => return lost.into(),
+                // The database may come back before the lease runs out: keep trying.
+                Err(other) => {
+                    tracing::warn!(run = %run, error = %other, "lease renewal failed");
+                }
+            }
+        }
+    }
+
     fn decide(&self, job: &Job, attempt: u32, kind: FailureKind) -> Decision {
         job.retry.decide(attempt, kind, &mut *lock(&self.rng))
     }
@@ -574,6 +601,46 @@ enum Attempted {
 /// The outcome of executing one item, before the retry decision.
 type Executed = (ItemRecord, Attempted, Value);
 
+/// The items one step has claimed and not yet recorded: their tasks, and what is left of each
+/// chunk.
+#[derive(Default)]
+struct Flight {
+    tasks: JoinSet<Result<Value, ExecuteError>>,
+    /// Per task: its chunk, its item and the request's context.
+    by_task: HashMap<tokio::task::Id, (usize, ItemRecord, Value)>,
+    /// Per chunk: how many of its items are still executing.
+    remaining: HashMap<usize, usize>,
+    /// Per chunk: the items that have answered.
+    done: HashMap<usize, Vec<Executed>>,
+}
+
+impl Flight {
+    /// Items claimed and not yet answered.
+    fn len(&self) -> usize {
+        self.by_task.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_task.is_empty()
+    }
+
+    /// Takes the answer of task `id`; returns its chunk's items once the last one answered.
+    fn finished(&mut self, id: tokio::task::Id, result: Attempted) -> Option<Vec<Executed>> {
+        let (chunk, item, request_context) = self.by_task.remove(&id)?;
+        self.done
+            .entry(chunk)
+            .or_default()
+            .push((item, result, request_context));
+        let left = self.remaining.get_mut(&chunk)?;
+        *left -= 1;
+        if *left > 0 {
+            return None;
+        }
+        self.remaining.remove(&chunk);
+        self.done.remove(&chunk)
+    }
+}
+
 impl Execution<'_> {
     /// The run as it was when opened.
     pub fn run(&self) -> &RunRecord {
@@ -598,7 +665,7 @@ impl Execution<'_> {
     /// As [`Execution::run_next_chunk`].
     pub async fn run_to_completion(&mut self) -> Result<RunStatus, Error> {
         loop {
-            match self.run_next_chunk().await? {
+            match self.step(usize::MAX, None).await? {
                 Step::Worked(_) => {}
                 Step::Idle(until) => {
                     let wait = self.idle_wait(until);
@@ -610,7 +677,7 @@ impl Execution<'_> {
     }
 
     /// Runs steps until the run ends (`Some(status)`) or `stop` turns true (`None`): then the
-    /// chunk in flight is finished and recorded first, and the run's lease is released so
+    /// chunks in flight are finished and recorded first, and the run's lease is released so
     /// another process resumes the run at once instead of waiting for the lease to expire.
     /// While the database is unavailable the run waits (backing off up to 1.6 s) and goes on
     /// when it answers again; a lease lost meanwhile ends it with `LeaseLost`.
@@ -631,7 +698,7 @@ impl Execution<'_> {
                 tracing::info!(run = %self.run.id, "lease released on shutdown");
                 return Ok(None);
             }
-            let step = match self.run_next_chunk().await {
+            let step = match self.step(usize::MAX, Some(stop.clone())).await {
                 Ok(step) => step,
                 // A database that went away: the run is still this processor's (its lease
                 // outlives a short outage), so wait and go on with it rather than leave it
@@ -700,30 +767,6 @@ impl Execution<'_> {
             .max(Duration::from_millis(1))
     }
 
-    /// Renews the run lease every third of its length until the lease is lost (the returned
-    /// error). A cancel requested meanwhile is passed on to the processor.
-    async fn heartbeat(&self) -> Error {
-        let settings = &self.processor.settings;
-        loop {
-            self.ports().clock.sleep(settings.run_lease / 3).await;
-            let until = self.ports().clock.now() + chrono_duration(settings.run_lease);
-            match self
-                .ports()
-                .runs
-                .renew_lease(&self.run.id, &settings.owner, until)
-                .await
-            {
-                Ok(true) => self.processor.cancel(&self.run.id),
-                Ok(false) => {}
-                Err(lost @ StoreError::LeaseLost(_)) => return lost.into(),
-                // The database may come back before the lease runs out: keep trying.
-                Err(other) => {
-                    tracing::warn!(run = %self.run.id, error = %other, "lease renewal failed");
-                }
-            }
-        }
-    }
-
     /// One step: claim a chunk of due items, execute it, record its outcomes in one store call,
     /// publish progress. Finishes the run when nothing is pending.
     ///
@@ -731,76 +774,201 @@ impl Execution<'_> {
     /// [`Error::Store`] with [`StoreError::LeaseLost`] when another processor took the run or a
     /// chunk over (stop working on it), or when the store fails.
     pub async fn run_next_chunk(&mut self) -> Result<Step, Error> {
-        let span = tracing::info_span!("chunk", run = %self.run.id, job = %self.job.id);
-        tracing::Instrument::instrument(self.next_chunk(), span).await
+        self.step(1, None).await
     }
 
-    async fn next_chunk(&mut self) -> Result<Step, Error> {
+    /// One step of at most `max_chunks` chunks, pipelined: the next chunk is claimed while the
+    /// current one's last requests are in flight, and a chunk is recorded as soon as its last
+    /// request answered, while later chunks execute, so the concurrency limit stays full across
+    /// chunk boundaries. Claiming stops when `stop` turns true or the run is cancelled; the
+    /// chunks in flight are finished and recorded before the step returns.
+    async fn step(
+        &mut self,
+        max_chunks: usize,
+        stop: Option<watch::Receiver<bool>>,
+    ) -> Result<Step, Error> {
+        let span = tracing::info_span!("step", run = %self.run.id, job = %self.job.id);
+        tracing::Instrument::instrument(self.step_inner(max_chunks, stop), span).await
+    }
+
+    async fn step_inner(
+        &mut self,
+        max_chunks: usize,
+        stop: Option<watch::Receiver<bool>>,
+    ) -> Result<Step, Error> {
         let run_id = self.run.id.clone();
-        if self.processor.is_cancelled(&run_id) {
-            self.ports()
-                .runs
-                .cancel_pending(&run_id, self.ports().clock.now())
-                .await?;
-            return self
-                .finish(Some(RunStatus::Cancelled))
-                .await
-                .map(Step::Finished);
+        if self.processor.is_cancelled(&run_id) || self.template_missing {
+            return self.end_without_pending().await.map(Step::Finished);
         }
-        if self.template_missing {
-            self.ports()
-                .runs
-                .cancel_pending(&run_id, self.ports().clock.now())
-                .await?;
-            return self
-                .finish(Some(RunStatus::Failed))
-                .await
-                .map(Step::Finished);
+        // The heartbeat keeps the run (and the claimed items) leased however long the chunks
+        // take; if the lease is lost anyway, their results are not ours to record.
+        let processor = self.processor;
+        let worked = tokio::select! {
+            worked = self.fly(max_chunks, stop) => worked?,
+            lost = processor.heartbeat(&run_id) => return Err(lost),
+        };
+        if worked > 0 {
+            return Ok(Step::Worked(worked));
+        }
+        if self.processor.is_cancelled(&run_id) {
+            return self.end_without_pending().await.map(Step::Finished);
         }
         let now = self.ports().clock.now();
+        match self.ports().runs.next_due(&run_id).await? {
+            Some(due) => Ok(Step::Idle(due.max(now))),
+            None => self.finish(None).await.map(Step::Finished),
+        }
+    }
+
+    /// Ends a cancelled run (or one whose template is gone, `failed`): what is still pending is
+    /// cancelled.
+    async fn end_without_pending(&mut self) -> Result<RunStatus, Error> {
+        let status = if self.template_missing && !self.processor.is_cancelled(&self.run.id) {
+            RunStatus::Failed
+        } else {
+            RunStatus::Cancelled
+        };
+        self.ports()
+            .runs
+            .cancel_pending(&self.run.id, self.ports().clock.now())
+            .await?;
+        self.finish(Some(status)).await
+    }
+
+    /// Claims and executes up to `max_chunks` chunks, keeping up to twice the concurrency limit
+    /// of items claimed ahead, and records each chunk when its last item answered. Returns how
+    /// many items were executed and recorded: 0 when nothing was due (or the run is cancelled or
+    /// stopping).
+    async fn fly(
+        &mut self,
+        max_chunks: usize,
+        mut stop: Option<watch::Receiver<bool>>,
+    ) -> Result<usize, Error> {
+        let run_id = self.run.id.clone();
         let owner = self.processor.settings.owner.clone();
+        let concurrency = usize::try_from(self.job.execution.concurrency)
+            .unwrap_or(1)
+            .max(1);
+        let chunk_size = usize::try_from(self.job.execution.chunk_size).unwrap_or(1);
+        let mut flight = Flight::default();
+        let mut claimed = 0;
+        let mut claiming = true;
+        let mut worked = 0;
+        let mut cancel = self.processor.cancel_signal.subscribe();
+        let grace = self.processor.settings.cancel_grace;
+        let clock = self.ports().clock.clone();
+        let mut deadline: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        loop {
+            let cancelled = self.processor.is_cancelled(&run_id);
+            let stopping = stop.as_ref().is_some_and(|s| *s.borrow());
+            if cancelled && deadline.is_none() && !flight.is_empty() {
+                let clock = clock.clone();
+                deadline = Some(Box::pin(async move { clock.sleep(grace).await }));
+            }
+            if claiming
+                && !cancelled
+                && !stopping
+                && claimed < max_chunks
+                && flight.len() < 2 * concurrency
+            {
+                match self.claim(&run_id, &owner, chunk_size).await {
+                    Ok(Some(chunk)) => {
+                        claimed += 1;
+                        flight.remaining.insert(claimed, chunk.len());
+                        for item in chunk {
+                            self.spawn_item(&mut flight, claimed, item);
+                        }
+                    }
+                    Ok(None) => claiming = false,
+                    // With items in flight, a failed claim waits for the next step: the
+                    // items' results are recorded first.
+                    Err(e) if !flight.is_empty() => {
+                        tracing::warn!(run = %run_id, error = %e, "claiming ahead failed");
+                        claiming = false;
+                    }
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            if flight.is_empty() {
+                return Ok(worked);
+            }
+            let joined = tokio::select! {
+                joined = flight.tasks.join_next_with_id() => joined,
+                changed = cancel.changed(), if deadline.is_none() => {
+                    if changed.is_err() {
+                        // The processor is gone; nothing will cancel any more.
+                        cancel = watch::channel(0).1;
+                    }
+                    continue;
+                }
+                () = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => {
+                    flight.tasks.abort_all();
+                    deadline = Some(Box::pin(std::future::pending()));
+                    continue;
+                }
+                changed = async { match stop.as_mut() { Some(s) => s.changed().await, None => std::future::pending().await } }, if !stopping && stop.is_some() => {
+                    if changed.is_err() {
+                        stop = None;
+                    }
+                    continue;
+                }
+            };
+            let Some(joined) = joined else { continue };
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, Attempted::Answered(result)),
+                Err(e) if e.is_panic() => (
+                    e.id(),
+                    Attempted::Answered(Err(ExecuteError {
+                        kind: FailureKind::Permanent,
+                        message: "the item's execution panicked".to_owned(),
+                    })),
+                ),
+                Err(e) => (e.id(), Attempted::Abandoned),
+            };
+            if let Some(done) = flight.finished(id, result) {
+                worked += done.len();
+                self.record(done).await?;
+            }
+        }
+    }
+
+    /// Renews the run lease and claims the next chunk of due items; `None` when nothing is due.
+    /// A cancel requested through the store (by another replica, say) is passed on to the
+    /// processor, and nothing is claimed.
+    async fn claim(
+        &self,
+        run_id: &RunId,
+        owner: &str,
+        chunk_size: usize,
+    ) -> Result<Option<Vec<ItemRecord>>, Error> {
+        let now = self.ports().clock.now();
         let cancel_requested = self
             .ports()
             .runs
             .renew_lease(
-                &run_id,
-                &owner,
+                run_id,
+                owner,
                 now + chrono_duration(self.processor.settings.run_lease),
             )
             .await?;
         if cancel_requested {
-            // Asked through the store (by another replica, say): stop like a local cancel.
-            self.processor.cancel(&run_id);
-            self.ports().runs.cancel_pending(&run_id, now).await?;
-            return self
-                .finish(Some(RunStatus::Cancelled))
-                .await
-                .map(Step::Finished);
+            self.processor.cancel(run_id);
+            return Ok(None);
         }
         let chunk = self
             .ports()
             .runs
-            .claim_items(
-                &run_id,
-                &owner,
-                now,
-                now + self.item_lease(),
-                usize::try_from(self.job.execution.chunk_size).unwrap_or(1),
-            )
+            .claim_items(run_id, owner, now, now + self.item_lease(), chunk_size)
             .await?;
-        if chunk.is_empty() {
-            return match self.ports().runs.next_due(&run_id).await? {
-                Some(due) => Ok(Step::Idle(due.max(now))),
-                None => self.finish(None).await.map(Step::Finished),
-            };
-        }
-        let size = chunk.len();
-        // The heartbeat keeps the run (and this chunk's items) leased however long the chunk
-        // takes; if the lease is lost anyway, the chunk's results are not ours to record.
-        let executed = tokio::select! {
-            executed = self.execute(chunk) => executed,
-            lost = self.heartbeat() => return Err(lost),
-        };
+        Ok((!chunk.is_empty()).then_some(chunk))
+    }
+
+    /// Records the outcomes of one executed chunk in one store call, keeps the counts, updates
+    /// the context and publishes progress.
+    async fn record(&mut self, executed: Vec<Executed>) -> Result<(), Error> {
+        let run_id = self.run.id.clone();
+        let owner = self.processor.settings.owner.clone();
         let now = self.ports().clock.now();
         let outcomes: Vec<ItemOutcome> = executed
             .into_iter()
@@ -845,7 +1013,7 @@ impl Execution<'_> {
             status: RunStatus::Running,
             progress: progress(&counts),
         });
-        Ok(Step::Worked(size))
+        Ok(())
     }
 
     /// Builds the request of one item: the template is the item's preference override or the
@@ -873,91 +1041,47 @@ impl Execution<'_> {
         }
     }
 
-    /// Executes a chunk with the concurrency and rate limits. A panicking item is contained and
-    /// reported as a permanent failure of that item alone.
-    async fn execute(&self, chunk: Vec<ItemRecord>) -> Vec<Executed> {
-        let mut tasks = JoinSet::new();
-        let mut by_task = HashMap::with_capacity(chunk.len());
+    /// Starts one item of chunk `chunk` under the concurrency and rate limits. A panicking item
+    /// is contained (its task fails) and reported as a permanent failure of that item alone.
+    fn spawn_item(&self, flight: &mut Flight, chunk: usize, item: ItemRecord) {
         let timeout = self.job.execution.timeout;
-        for item in chunk {
-            let request = self.request(&item);
-            let request_context = json!({
-                "idempotency_key": request.idempotency_key,
-                "template": request.template.as_str(),
-                "parameters": request.parameters,
-                "attempt": item.attempts + 1,
-            });
-            let executor = self.ports().executor.clone();
-            let semaphore = self.semaphore.clone();
-            let limiter = self.limiter.clone();
-            let span = tracing::debug_span!("item", key = %item.key, attempt = item.attempts + 1);
-            let handle = tasks.spawn(tracing::Instrument::instrument(
-                async move {
-                    match semaphore.acquire_owned().await {
-                        Ok(_permit) => {
-                            if let Some(limiter) = &limiter {
-                                limiter.until_ready().await;
-                            }
-                            match tokio::time::timeout(timeout, executor.execute(request)).await {
-                                Ok(result) => result,
-                                Err(_) => Err(ExecuteError {
-                                    kind: FailureKind::Retryable,
-                                    message: format!("timed out after {} ms", timeout.as_millis()),
-                                }),
-                            }
+        let request = self.request(&item);
+        let request_context = json!({
+            "idempotency_key": request.idempotency_key,
+            "template": request.template.as_str(),
+            "parameters": request.parameters,
+            "attempt": item.attempts + 1,
+        });
+        let executor = self.ports().executor.clone();
+        let semaphore = self.semaphore.clone();
+        let limiter = self.limiter.clone();
+        let span = tracing::debug_span!("item", key = %item.key, attempt = item.attempts + 1);
+        let handle = flight.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                match semaphore.acquire_owned().await {
+                    Ok(_permit) => {
+                        if let Some(limiter) = &limiter {
+                            limiter.until_ready().await;
                         }
-                        Err(_) => Err(ExecuteError {
-                            kind: FailureKind::Retryable,
-                            message: "the processor is shutting down".to_owned(),
-                        }),
+                        match tokio::time::timeout(timeout, executor.execute(request)).await {
+                            Ok(result) => result,
+                            Err(_) => Err(ExecuteError {
+                                kind: FailureKind::Retryable,
+                                message: format!("timed out after {} ms", timeout.as_millis()),
+                            }),
+                        }
                     }
-                },
-                span,
-            ));
-            by_task.insert(handle.id(), (item, request_context));
-        }
-        let mut done = Vec::with_capacity(by_task.len());
-        let mut cancel = self.processor.cancel_signal.subscribe();
-        let grace = self.processor.settings.cancel_grace;
-        let clock = self.ports().clock.clone();
-        let mut deadline: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
-        loop {
-            if deadline.is_none() && self.processor.is_cancelled(&self.run.id) {
-                let clock = clock.clone();
-                deadline = Some(Box::pin(async move { clock.sleep(grace).await }));
-            }
-            let joined = tokio::select! {
-                joined = tasks.join_next_with_id() => joined,
-                changed = cancel.changed(), if deadline.is_none() => {
-                    if changed.is_err() {
-                        // The processor is gone; nothing will cancel any more.
-                        cancel = watch::channel(0).1;
-                    }
-                    continue;
+                    Err(_) => Err(ExecuteError {
+                        kind: FailureKind::Retryable,
+                        message: "the processor is shutting down".to_owned(),
+                    }),
                 }
-                () = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => {
-                    tasks.abort_all();
-                    deadline = Some(Box::pin(std::future::pending()));
-                    continue;
-                }
-            };
-            let Some(joined) = joined else { break };
-            let (id, result) = match joined {
-                Ok((id, result)) => (id, Attempted::Answered(result)),
-                Err(e) if e.is_panic() => (
-                    e.id(),
-                    Attempted::Answered(Err(ExecuteError {
-                        kind: FailureKind::Permanent,
-                        message: "the item's execution panicked".to_owned(),
-                    })),
-                ),
-                Err(e) => (e.id(), Attempted::Abandoned),
-            };
-            if let Some((item, request_context)) = by_task.remove(&id) {
-                done.push((item, result, request_context));
-            }
-        }
-        done
+            },
+            span,
+        ));
+        flight
+            .by_task
+            .insert(handle.id(), (chunk, item, request_context));
     }
 
     fn outcome(
@@ -1024,7 +1148,7 @@ impl Execution<'_> {
             // other processor finishes (and distributes) it a second time.
             let note = tokio::select! {
                 note = self.distribute() => note?,
-                lost = self.heartbeat() => return Err(lost),
+                lost = self.processor.heartbeat(&self.run.id) => return Err(lost),
             };
             self.notes.extend(note);
         }

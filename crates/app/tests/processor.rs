@@ -448,6 +448,30 @@ async fn no_second_of_the_clock_sees_more_starts_than_the_rate() {
 }
 
 #[tokio::test]
+async fn the_next_chunk_starts_while_the_current_one_still_has_a_request_in_flight() {
+    // u0000 answers only once u0004, the first item of the second chunk, has been called. With a
+    // barrier between chunks (record a chunk, then claim the next) the run could never go on.
+    let world = World::new(Behaviour {
+        waits_for: [("u0000".to_owned(), "u0004".to_owned())].into(),
+        ..Behaviour::default()
+    });
+    world.with_users(12);
+    let job = many(
+        12,
+        json!({"execution": {"concurrency": 4, "chunk_size": 4}}),
+    );
+    let (run, context) =
+        tokio::time::timeout(std::time::Duration::from_secs(60), run_job(&world, &job))
+            .await
+            .expect("the run waited for the slowest item of a chunk before claiming the next");
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(context.progress.succeeded, 12);
+    assert!(world.executor.max_in_flight() <= 4);
+    let calls = world.executor.calls();
+    assert_eq!(calls.len(), 12, "every item called once");
+}
+
+#[tokio::test]
 async fn a_resumed_run_never_executes_a_succeeded_item_again() {
     let world = World::new(Behaviour::default());
     world.with_users(40);

@@ -1058,6 +1058,8 @@ pub struct Behaviour {
     /// Item keys answered "not attempted" (as with an open circuit breaker) for this many
     /// calls before they are executed.
     pub deferred: HashMap<String, u32>,
+    /// Item keys whose execution answers only once the item named here has been called.
+    pub waits_for: HashMap<String, String>,
 }
 
 /// A request executor that records every call, the highest number in flight at once, and
@@ -1069,6 +1071,8 @@ pub struct FakeExecutor {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     clock: std::sync::Arc<dyn batch_ports::Clock>,
+    /// Woken on every call, for executions waiting for another item's call.
+    called: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for FakeExecutor {
@@ -1087,6 +1091,7 @@ impl FakeExecutor {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             clock,
+            called: tokio::sync::Notify::new(),
         }
     }
 
@@ -1137,6 +1142,7 @@ impl RequestExecutor for FakeExecutor {
             attempt,
             at: self.clock.now(),
         });
+        self.called.notify_waiters();
         // Let other requests start, so concurrency is observable.
         tokio::task::yield_now().await;
         let behaviour = lock(&self.behaviour).clone();
@@ -1154,6 +1160,21 @@ impl RequestExecutor for FakeExecutor {
         }
         if behaviour.stalls.contains(item) {
             std::future::pending::<()>().await;
+        }
+        if let Some(other) = behaviour.waits_for.get(item) {
+            let called = |key: &str| key.split_once(':').is_some_and(|(_, k)| k == other);
+            loop {
+                let notified = self.called.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if lock(&self.calls)
+                    .iter()
+                    .any(|c| called(&c.request.idempotency_key))
+                {
+                    break;
+                }
+                notified.await;
+            }
         }
         if let Some(delay) = behaviour.delays.get(item) {
             self.clock.sleep(*delay).await;
