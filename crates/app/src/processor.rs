@@ -566,6 +566,11 @@ struct Origin<'a> {
     parent: Option<RunId>,
 }
 
+/// Within one step, the run lease is renewed with a claim at most this often: the first claim
+/// of a step always renews it (and sees a cancel requested through the store), and the
+/// heartbeat renews it every third of the lease whatever happens.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+
 /// Claimable runs read per tenant when choosing the next run to claim.
 const CLAIM_WINDOW: usize = 16;
 
@@ -852,6 +857,7 @@ impl Execution<'_> {
         let chunk_size = usize::try_from(self.job.execution.chunk_size).unwrap_or(1);
         let mut flight = Flight::default();
         let mut claimed = 0;
+        let mut renewed_at = None;
         let mut claiming = true;
         let mut worked = 0;
         let mut cancel = self.processor.cancel_signal.subscribe();
@@ -871,7 +877,10 @@ impl Execution<'_> {
                 && claimed < max_chunks
                 && flight.len() < 2 * concurrency
             {
-                match self.claim(&run_id, &owner, chunk_size).await {
+                match self
+                    .claim(&run_id, &owner, chunk_size, &mut renewed_at)
+                    .await
+                {
                     Ok(Some(chunk)) => {
                         claimed += 1;
                         flight.remaining.insert(claimed, chunk.len());
@@ -933,28 +942,33 @@ impl Execution<'_> {
         }
     }
 
-    /// Renews the run lease and claims the next chunk of due items; `None` when nothing is due.
-    /// A cancel requested through the store (by another replica, say) is passed on to the
-    /// processor, and nothing is claimed.
+    /// Renews the run lease (unless `renewed_at` is less than [`RENEW_EVERY`] ago) and claims the
+    /// next chunk of due items; `None` when nothing is due. A cancel requested through the store
+    /// (by another replica, say) is passed on to the processor, and nothing is claimed.
     async fn claim(
         &self,
         run_id: &RunId,
         owner: &str,
         chunk_size: usize,
+        renewed_at: &mut Option<DateTime<Utc>>,
     ) -> Result<Option<Vec<ItemRecord>>, Error> {
         let now = self.ports().clock.now();
-        let cancel_requested = self
-            .ports()
-            .runs
-            .renew_lease(
-                run_id,
-                owner,
-                now + chrono_duration(self.processor.settings.run_lease),
-            )
-            .await?;
-        if cancel_requested {
-            self.processor.cancel(run_id);
-            return Ok(None);
+        let renew_every = chrono_duration(RENEW_EVERY);
+        if renewed_at.is_none_or(|at| now - at >= renew_every) {
+            let cancel_requested = self
+                .ports()
+                .runs
+                .renew_lease(
+                    run_id,
+                    owner,
+                    now + chrono_duration(self.processor.settings.run_lease),
+                )
+                .await?;
+            *renewed_at = Some(now);
+            if cancel_requested {
+                self.processor.cancel(run_id);
+                return Ok(None);
+            }
         }
         let chunk = self
             .ports()
