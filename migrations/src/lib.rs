@@ -22,6 +22,7 @@ mod m20261128_000005_schedule_states;
 mod m20261128_000006_run_overlap;
 mod m20261128_000007_groups_and_pauses;
 mod m20261128_000008_jobs;
+mod m20261129_000009_context_progress;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -38,6 +39,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000006_run_overlap::Migration),
             Box::new(m20261128_000007_groups_and_pauses::Migration),
             Box::new(m20261128_000008_jobs::Migration),
+            Box::new(m20261129_000009_context_progress::Migration),
         ]
     }
 }

@@ -1007,21 +1007,27 @@ impl Execution<'_> {
             retried = count(ItemStatus::Pending),
         );
         // Every item of the chunk was pending when claimed; each now has its outcome's status.
-        let counts = match self.counts.take() {
+        // The first chunk of an execution writes the whole context (status, notes); later ones
+        // only its progress, since the context's item lists grow with the run.
+        match self.counts.take() {
             Some(mut counts) => {
                 for outcome in &outcomes {
                     counts.pending = counts.pending.saturating_sub(1);
                     counts.add(outcome.status, 1);
                 }
-                counts
+                self.counts = Some(counts);
+                self.processor.contexts.progress(&self.run, &counts).await?;
             }
-            None => self.ports().runs.counts(&run_id).await?,
-        };
-        self.counts = Some(counts);
-        self.processor
-            .contexts
-            .update(&self.run, &counts, &self.notes)
-            .await?;
+            None => {
+                let counts = self.ports().runs.counts(&run_id).await?;
+                self.counts = Some(counts);
+                self.processor
+                    .contexts
+                    .update(&self.run, &counts, &self.notes)
+                    .await?;
+            }
+        }
+        let counts = self.counts.unwrap_or_default();
         self.processor.publish(ProgressEvent {
             run: run_id,
             status: RunStatus::Running,

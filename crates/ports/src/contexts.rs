@@ -1,7 +1,7 @@
 //! Batch contexts and batch references.
 
 use async_trait::async_trait;
-use batch_domain::context::BatchContext;
+use batch_domain::context::{BatchContext, Progress};
 use batch_domain::run::RunId;
 use batch_domain::{JobId, TenantId, UserId};
 use chrono::{DateTime, Utc};
@@ -43,6 +43,21 @@ pub trait ContextStore: Send + Sync {
         tenant: &TenantId,
         run: &RunId,
         context: &BatchContext,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Records the progress of `run` without rewriting the rest of its context, whose item
+    /// lists grow with the run: [`ContextStore::context`] answers it from then on, until the
+    /// next [`ContextStore::save_context`] replaces the whole context.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when `run` has no context for `tenant`;
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn save_progress(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        progress: &Progress,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
 

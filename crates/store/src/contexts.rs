@@ -1,7 +1,7 @@
 //! [`ContextStore`] over the `batch_contexts` and `batch_references` tables.
 
 use async_trait::async_trait;
-use batch_domain::context::BatchContext;
+use batch_domain::context::{BatchContext, Progress};
 use batch_domain::run::RunId;
 use batch_domain::{JobId, TenantId, UserId};
 use batch_ports::contexts::{BatchReference, ContextStore, ReferenceCursor};
@@ -34,17 +34,26 @@ impl Store {
         } else {
             ""
         };
-        let sql =
-            format!("SELECT context FROM batch_contexts WHERE run_id = $1 AND tenant = $2{lock}");
+        let sql = format!(
+            "SELECT context, progress FROM batch_contexts WHERE run_id = $1 AND tenant = $2{lock}"
+        );
         let row = conn
             .query_one_raw(self.statement(&sql, vec![text(run.as_str()), text(tenant.as_str())]))
             .await
             .map_err(db_error)?
             .ok_or_else(|| StoreError::NotFound(format!("context of run {run}")))?;
         let value: serde_json::Value = row.try_get("", "context").map_err(db_error)?;
-        serde_json::from_value(value).map_err(|e| {
+        let mut context: BatchContext = serde_json::from_value(value).map_err(|e| {
             StoreError::Unexpected(format!("stored context of run {run} is invalid: {e}"))
-        })
+        })?;
+        // Progress saved since the context was last written wins over the context's own.
+        let progress: Option<serde_json::Value> = row.try_get("", "progress").map_err(db_error)?;
+        if let Some(progress) = progress {
+            context.progress = serde_json::from_value(progress).map_err(|e| {
+                StoreError::Unexpected(format!("stored progress of run {run} is invalid: {e}"))
+            })?;
+        }
+        Ok(context)
     }
 
     async fn write_context<C: ConnectionTrait>(
@@ -56,8 +65,10 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         conn.execute_raw(self.statement(
-            "INSERT INTO batch_contexts (run_id, tenant, context, updated_ms) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (run_id) DO UPDATE SET context = excluded.context, updated_ms = excluded.updated_ms \
+            "INSERT INTO batch_contexts (run_id, tenant, context, progress, updated_ms) \
+             VALUES ($1, $2, $3, NULL, $4) \
+             ON CONFLICT (run_id) DO UPDATE SET context = excluded.context, progress = NULL, \
+                 updated_ms = excluded.updated_ms \
              WHERE batch_contexts.tenant = excluded.tenant",
             vec![
                 text(run.as_str()),
@@ -87,6 +98,35 @@ impl ContextStore for Store {
 
     async fn context(&self, tenant: &TenantId, run: &RunId) -> Result<BatchContext, StoreError> {
         self.load_context(&self.db, tenant, run, false).await
+    }
+
+    async fn save_progress(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        progress: &Progress,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let progress = serde_json::to_value(progress)
+            .map_err(|e| StoreError::Unexpected(format!("encoding progress: {e}")))?;
+        let written = self
+            .db
+            .execute_raw(self.statement(
+                "UPDATE batch_contexts SET progress = $3, updated_ms = $4 \
+                 WHERE run_id = $1 AND tenant = $2",
+                vec![
+                    text(run.as_str()),
+                    text(tenant.as_str()),
+                    Value::Json(Some(Box::new(progress))),
+                    Value::BigInt(Some(millis(now))),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        if written.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("context of run {run}")));
+        }
+        Ok(())
     }
 
     async fn merge_into_parent(

@@ -694,11 +694,49 @@ async fn contexts_are_saved_merged_and_scoped_to_their_tenant(backend: Backend) 
         store.context(&tenant("globex"), &parent).await,
         Err(StoreError::NotFound(_))
     ));
+    // Progress alone: the rest of the context stays; another tenant cannot write it; a whole
+    // context saved afterwards wins.
+    store
+        .save_progress(&tenant("acme"), &parent, &Progress::new(0, 1, 1, 1), t0())
+        .await
+        .unwrap();
+    let read = store.context(&tenant("acme"), &parent).await.unwrap();
+    assert_eq!(read.progress, Progress::new(0, 1, 1, 1));
+    assert_eq!(
+        (read.items, read.metadata),
+        (context.items.clone(), context.metadata.clone())
+    );
+    assert!(matches!(
+        store
+            .save_progress(&tenant("globex"), &parent, &Progress::default(), t0())
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store
+            .context(&tenant("acme"), &parent)
+            .await
+            .unwrap()
+            .progress,
+        Progress::new(0, 1, 1, 1)
+    );
+    store
+        .save_context(&tenant("acme"), &parent, &context, t0())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.context(&tenant("acme"), &parent).await.unwrap(),
+        context
+    );
+    // The child's progress, saved alone, is what the merge adds.
     let mut other = context.clone();
     other.metadata.run_id = "child".to_owned();
-    other.progress = Progress::new(2, 1, 3, 4);
     store
         .save_context(&tenant("acme"), &child, &other, t0())
+        .await
+        .unwrap();
+    store
+        .save_progress(&tenant("acme"), &child, &Progress::new(2, 1, 3, 4), t0())
         .await
         .unwrap();
     let merged = store

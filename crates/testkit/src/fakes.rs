@@ -863,6 +863,23 @@ impl ContextStore for MemoryRuns {
         Ok(())
     }
 
+    async fn save_progress(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        progress: &batch_domain::context::Progress,
+        _now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        let (_, context) = state
+            .contexts
+            .get_mut(run)
+            .filter(|(t, _)| t == tenant.as_str())
+            .ok_or_else(|| StoreError::NotFound(format!("context of run {run}")))?;
+        context.progress = *progress;
+        Ok(())
+    }
+
     async fn context(&self, tenant: &TenantId, run: &RunId) -> Result<BatchContext, StoreError> {
         lock(&self.state)
             .contexts
