@@ -27,19 +27,11 @@ impl ContextManager {
         ContextManager { contexts, clock }
     }
 
-    /// The first context of a prepared run: metadata, valid and invalid items, validation, and
-    /// progress at zero.
-    ///
-    /// # Errors
-    /// [`Error::Store`] when it cannot be saved.
-    pub async fn create(
-        &self,
-        job: &Job,
-        run: &RunRecord,
-        prepared: &Prepared,
-    ) -> Result<BatchContext, Error> {
+    /// The first context of a prepared run but for its metadata: valid and invalid items,
+    /// validation, notes, and progress at zero. Taken before the items go to the store, so they
+    /// are not copied.
+    pub fn draft(prepared: &Prepared) -> BatchContext {
         let mut context = BatchContext {
-            metadata: metadata(job, run),
             validation: prepared.validation,
             user_references: prepared.user_references,
             notes: prepared.notes.clone(),
@@ -55,10 +47,25 @@ impl ContextManager {
             }
         }
         context.progress = Progress::new(0, 0, 0, pending);
+        context
+    }
+
+    /// Saves the first context of `run`: `draft` ([`ContextManager::draft`]) with the run's
+    /// metadata.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when it cannot be saved.
+    pub async fn create(
+        &self,
+        job: &Job,
+        run: &RunRecord,
+        mut draft: BatchContext,
+    ) -> Result<BatchContext, Error> {
+        draft.metadata = metadata(job, run);
         self.contexts
-            .save_context(&run.tenant, &run.id, &context, self.clock.now())
+            .save_context(&run.tenant, &run.id, &draft, self.clock.now())
             .await?;
-        Ok(context)
+        Ok(draft)
     }
 
     /// Records progress from exact counts, leaving the rest of the context as it is: one small

@@ -289,13 +289,12 @@ impl BatchProcessor {
             serial: job.overlap != batch_domain::config::Overlap::AllowAll,
             created_at: self.ports.clock.now(),
         };
-        self.ports
-            .runs
-            .create_run(run, prepared.items.clone())
-            .await?;
+        let draft = ContextManager::draft(&prepared);
+        let items = prepared.items.len();
+        self.ports.runs.create_run(run, prepared.items).await?;
         let record = self.ports.runs.run(&job.tenant, &id).await?;
-        self.contexts.create(job, &record, &prepared).await?;
-        tracing::info!(run = %id, job = %job.id, items = prepared.items.len(), "run created");
+        self.contexts.create(job, &record, draft).await?;
+        tracing::info!(run = %id, job = %job.id, items, "run created");
         Ok(record)
     }
 
@@ -1212,9 +1211,19 @@ impl Execution<'_> {
     async fn distribute(&self) -> Result<Option<String>, Error> {
         let ports = self.ports().clone();
         let now = ports.clock.now();
+        // Page by page, so a large run's users are never all in memory; a user keeps one
+        // reference per run however often it is added.
         let mut users: Vec<UserId> = self.job.distribution.users.clone();
         let mut after = None;
         loop {
+            users.sort();
+            users.dedup();
+            if !users.is_empty() {
+                ports
+                    .contexts
+                    .add_references(&self.job.tenant, &self.job.id, &self.run.id, &users, now)
+                    .await?;
+            }
             let page = ports
                 .runs
                 .list_items(
@@ -1227,14 +1236,8 @@ impl Execution<'_> {
                 .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.seq);
-            users.extend(page.into_iter().filter_map(|i| i.user));
+            users = page.into_iter().filter_map(|i| i.user).collect();
         }
-        users.sort();
-        users.dedup();
-        ports
-            .contexts
-            .add_references(&self.job.tenant, &self.job.id, &self.run.id, &users, now)
-            .await?;
         let Some(template) = self.job.distribution.delivery_template.clone() else {
             return Ok(None);
         };
