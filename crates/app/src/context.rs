@@ -68,19 +68,6 @@ impl ContextManager {
         Ok(draft)
     }
 
-    /// Records progress from exact counts, leaving the rest of the context as it is: one small
-    /// write, however many items the run has (see [`ContextManager::update`] for status and
-    /// notes).
-    ///
-    /// # Errors
-    /// [`Error::Store`] when the progress cannot be saved.
-    pub async fn progress(&self, run: &RunRecord, counts: &ItemCounts) -> Result<(), Error> {
-        self.contexts
-            .save_progress(&run.tenant, &run.id, &progress(counts), self.clock.now())
-            .await?;
-        Ok(())
-    }
-
     /// Updates progress and status from exact counts, and adds `notes`.
     ///
     /// # Errors

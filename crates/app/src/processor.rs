@@ -876,8 +876,11 @@ impl Execution<'_> {
                 && claimed < max_chunks
                 && flight.len() < 2 * concurrency
             {
+                // With nothing in flight, items still leased to this processor are leftovers
+                // of a step that failed with requests in flight.
+                let reclaim_own = flight.is_empty();
                 match self
-                    .claim(&run_id, &owner, chunk_size, &mut renewed_at)
+                    .claim(&run_id, &owner, chunk_size, &mut renewed_at, reclaim_own)
                     .await
                 {
                     Ok(Some(chunk)) => {
@@ -942,7 +945,9 @@ impl Execution<'_> {
     }
 
     /// Renews the run lease (unless `renewed_at` is less than [`RENEW_EVERY`] ago) and claims the
-    /// next chunk of due items; `None` when nothing is due. A cancel requested through the store
+    /// next chunk of due items; `None` when nothing is due. With `reclaim_own` (nothing of this
+    /// execution is in flight), items still leased to this processor are taken again: a step
+    /// that failed with requests in flight left them behind. A cancel requested through the store
     /// (by another replica, say) is passed on to the processor, and nothing is claimed.
     async fn claim(
         &self,
@@ -950,6 +955,7 @@ impl Execution<'_> {
         owner: &str,
         chunk_size: usize,
         renewed_at: &mut Option<DateTime<Utc>>,
+        reclaim_own: bool,
     ) -> Result<Option<Vec<ItemRecord>>, Error> {
         let now = self.ports().clock.now();
         let renew_every = chrono_duration(RENEW_EVERY);
@@ -972,7 +978,14 @@ impl Execution<'_> {
         let chunk = self
             .ports()
             .runs
-            .claim_items(run_id, owner, now, now + self.item_lease(), chunk_size)
+            .claim_items(
+                run_id,
+                owner,
+                now,
+                now + self.item_lease(),
+                chunk_size,
+                reclaim_own,
+            )
             .await?;
         Ok((!chunk.is_empty()).then_some(chunk))
     }
@@ -1015,7 +1028,14 @@ impl Execution<'_> {
                     counts.add(outcome.status, 1);
                 }
                 self.counts = Some(counts);
-                self.processor.contexts.progress(&self.run, &counts).await?;
+                let progress = progress(&counts);
+                let (tenant, ports) = (&self.run.tenant, self.ports());
+                self.while_unavailable("saving progress", patience, || {
+                    ports
+                        .contexts
+                        .save_progress(tenant, &run_id, &progress, now)
+                })
+                .await?;
             }
             None => {
                 let counts = self.ports().runs.counts(&run_id).await?;

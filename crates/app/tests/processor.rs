@@ -472,6 +472,40 @@ async fn the_next_chunk_starts_while_the_current_one_still_has_a_request_in_flig
 }
 
 #[tokio::test]
+async fn items_an_interrupted_step_left_leased_are_taken_again_at_once() {
+    let world = World::new(Behaviour::default());
+    world.with_users(10);
+    let job = many(
+        10,
+        json!({"execution": {"concurrency": 2, "chunk_size": 5}}),
+    );
+    let processor = world.processor("p1");
+    let run = start_manual(&processor, &job).await;
+    let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+    // A step of this processor failed with five requests in flight: their items stay leased to
+    // it, and its own heartbeat would keep renewing them.
+    let start = world.clock_now();
+    world
+        .runs
+        .claim_items(&run.id, "p1", start, start + Duration::hours(1), 5, false)
+        .await
+        .unwrap();
+    // Without taking them again the run never ends: the heartbeat renews their lease forever.
+    let status = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        execution.run_to_completion(),
+    )
+    .await
+    .expect("the run waited on items its own step left leased");
+    assert_eq!(status.unwrap(), RunStatus::Succeeded);
+    assert!(
+        world.clock_now() < start + Duration::hours(1),
+        "the run waited for its own items' lease to expire"
+    );
+    assert_eq!(world.executor.calls().len(), 10);
+}
+
+#[tokio::test]
 async fn a_resumed_run_never_executes_a_succeeded_item_again() {
     let world = World::new(Behaviour::default());
     world.with_users(40);
@@ -498,6 +532,7 @@ async fn a_resumed_run_never_executes_a_succeeded_item_again() {
                 world.clock_now(),
                 world.clock_now() + Duration::minutes(5),
                 5,
+                false,
             )
             .await
             .unwrap();

@@ -335,7 +335,10 @@ pub trait RunStore: Send + Sync {
 
     /// Claims up to `limit` pending items of `run` that are due at `now` and not leased to
     /// anyone else (or whose lease expired), in item order, for `owner` until `lease_until`.
-    /// Concurrent claimers, on any replica, never get the same item.
+    /// With `reclaim_own`, items leased to `owner` itself are taken again too: the caller knows
+    /// none of them is executing (items an interrupted step of its own left behind, whose
+    /// leases its heartbeat would otherwise keep alive). Concurrent claimers, on any replica,
+    /// never get the same item.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached.
@@ -346,6 +349,7 @@ pub trait RunStore: Send + Sync {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: usize,
+        reclaim_own: bool,
     ) -> Result<Vec<ItemRecord>, StoreError>;
 
     /// Records the outcomes of one chunk and releases the items' leases, in one transaction

@@ -488,12 +488,14 @@ impl RunStore for Store {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: usize,
+        reclaim_own: bool,
     ) -> Result<Vec<ItemRecord>, StoreError> {
         let sql = format!(
             "WITH picked AS MATERIALIZED (SELECT seq AS pick_seq FROM run_items \
                  WHERE run_id = $1 AND status = 'pending' \
                    AND (next_attempt_ms IS NULL OR next_attempt_ms <= $4) \
-                   AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4) \
+                   AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4 \
+                        OR ($6 AND lease_owner = $2)) \
                  ORDER BY seq LIMIT $5{}) \
              UPDATE run_items SET lease_owner = $2, lease_expires_ms = $3 \
              FROM picked WHERE run_items.run_id = $1 AND run_items.seq = picked.pick_seq \
@@ -510,6 +512,7 @@ impl RunStore for Store {
                     big(millis(lease_until)),
                     big(millis(now)),
                     big(i64::try_from(limit).unwrap_or(i64::MAX)),
+                    Value::Bool(Some(reclaim_own)),
                 ],
             ))
             .await

@@ -300,7 +300,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
     let id = RunId::parse("r1").unwrap();
     let lease = Duration::seconds(30);
     let mine = store
-        .claim_items(&id, "a", t0(), t0() + lease, 2)
+        .claim_items(&id, "a", t0(), t0() + lease, 2, false)
         .await
         .unwrap();
     assert_eq!(
@@ -309,16 +309,39 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
     );
     // While a's lease lives, b gets the other items only.
     let others = store
-        .claim_items(&id, "b", t0() + Duration::seconds(1), t0() + lease, 2)
+        .claim_items(
+            &id,
+            "b",
+            t0() + Duration::seconds(1),
+            t0() + lease,
+            2,
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(
         others.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
         ["item-000002", "item-000003"]
     );
+    // Reclaiming its own: a takes back only what it holds (and the free item), never b's.
+    let again = store
+        .claim_items(
+            &id,
+            "a",
+            t0() + Duration::seconds(2),
+            t0() + lease,
+            10,
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
+        ["item-000000", "item-000001", "item-000004"]
+    );
     // After it expires, b takes a's items over; a's late outcomes are refused whole.
     let taken = store
-        .claim_items(&id, "b", t0() + lease, t0() + lease * 2, 10)
+        .claim_items(&id, "b", t0() + lease, t0() + lease * 2, 10, false)
         .await
         .unwrap();
     assert_eq!(taken.len(), 5, "every lease has expired, b's own included");
@@ -355,6 +378,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
             t0() + Duration::days(1),
             t0() + Duration::days(2),
             10,
+            false,
         )
         .await
         .unwrap();
@@ -381,7 +405,7 @@ async fn concurrent_item_claimers_never_get_the_same_item(backend: Backend) {
             let mut mine = Vec::new();
             loop {
                 let chunk = store
-                    .claim_items(&id, owner, t0(), t0() + Duration::seconds(60), 100)
+                    .claim_items(&id, owner, t0(), t0() + Duration::seconds(60), 100, false)
                     .await
                     .unwrap();
                 if chunk.is_empty() {
@@ -468,7 +492,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
         .await
         .unwrap();
     let due = store
-        .claim_items(&id, "a", t0(), t0() + Duration::seconds(60), 2_000)
+        .claim_items(&id, "a", t0(), t0() + Duration::seconds(60), 2_000, false)
         .await
         .unwrap();
     assert_eq!(due.len(), 1_000, "invalid items are never due");
@@ -1322,7 +1346,7 @@ async fn a_heartbeat_keeps_the_chunk_items_leased(backend: Backend) {
         .unwrap()
         .unwrap();
     let chunk = store
-        .claim_items(&run, "a", t0(), t0() + Duration::seconds(40), 2)
+        .claim_items(&run, "a", t0(), t0() + Duration::seconds(40), 2, false)
         .await
         .unwrap();
     assert_eq!(chunk.len(), 2);
@@ -1340,6 +1364,7 @@ async fn a_heartbeat_keeps_the_chunk_items_leased(backend: Backend) {
                 now + Duration::seconds(1),
                 now + Duration::seconds(60),
                 3,
+                false,
             )
             .await
             .unwrap();

@@ -648,6 +648,7 @@ impl RunStore for MemoryRuns {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: usize,
+        reclaim_own: bool,
     ) -> Result<Vec<ItemRecord>, StoreError> {
         take_failure(&self.failing_claims, "claiming items")?;
         let mut state = lock(&self.state);
@@ -659,7 +660,9 @@ impl RunStore for MemoryRuns {
             .filter(|(i, lease)| {
                 i.status == ItemStatus::Pending
                     && i.next_attempt_at.is_none_or(|t| t <= now)
-                    && lease.as_ref().is_none_or(|l| !l.is_live(now))
+                    && lease
+                        .as_ref()
+                        .is_none_or(|l| !l.is_live(now) || (reclaim_own && l.owner == owner))
             })
             .take(limit)
             .map(|(i, lease)| {
