@@ -16,12 +16,12 @@
 //! (and its run) existing and only moves on; a crash between the occurrence and its run is
 //! repaired by the next tick, which sees the occurrence without a run and creates it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use batch_domain::config::{Job, Misfire, Overlap};
 use batch_domain::misfire::{ON_TIME, due_fires};
-use batch_domain::preference::Preference;
+use batch_domain::preference::{Preference, PreferenceDefaults};
 use batch_domain::run::{RunId, RunStatus, Trigger};
 use batch_domain::{FeatureType, JobId, Schedule, TenantId, UserId};
 use batch_ports::runs::{Occurrence, StoreError};
@@ -111,11 +111,22 @@ pub struct Backfill {
     pub existed: usize,
 }
 
-/// A schedule the scheduler fires.
+/// A schedule the scheduler fires. The group's text is shared, not copied, with every user
+/// of the group in [`Members::group_of`]: a job may have a million users.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Key {
     job: JobId,
-    group: String,
+    group: Arc<str>,
+}
+
+impl Key {
+    /// The key of `job`'s own schedule (group `""`).
+    fn own(job: &JobId) -> Self {
+        Key {
+            job: job.clone(),
+            group: Arc::from(""),
+        }
+    }
 }
 
 /// One schedule in memory: where it stands, and for a preference group its users.
@@ -127,11 +138,14 @@ struct Unit {
 }
 
 /// The users of one Dynamic job, by group, and how far its change feed has been read.
+///
+/// Users are ordered: changes are applied in user order, and a first read of a million users
+/// builds the map in one sequential pass.
 #[derive(Default)]
 struct Members {
     loaded: bool,
     watermark: u64,
-    group_of: HashMap<UserId, String>,
+    group_of: BTreeMap<UserId, Arc<str>>,
 }
 
 /// In-memory view of every schedule, with the due order.
@@ -170,6 +184,98 @@ fn fire_at(key: &Key, schedule: &Schedule, nominal: DateTime<Utc>) -> DateTime<U
 /// version of the schedule).
 fn belongs(schedule: &Schedule, nominal: DateTime<Utc>) -> bool {
     schedule.next_nominal(nominal - Duration::milliseconds(1)) == Some(nominal)
+}
+
+/// The schedule `preference` fires on with the job's `defaults`; `None` for a disabled
+/// preference or one without any schedule.
+fn schedule_of(preference: &Preference, defaults: &PreferenceDefaults) -> Option<Schedule> {
+    preference
+        .enabled
+        .then(|| preference.schedule(defaults).0)
+        .flatten()
+}
+
+/// The preference groups met in one read of a Dynamic job's preferences: each distinct
+/// schedule once, with its key. Users sharing a schedule share its group, so the schedule's
+/// text (the group's durable name) is formatted once per schedule, not once per user.
+struct Groups {
+    job: JobId,
+    slots: HashMap<Schedule, usize>,
+    groups: Vec<(Key, Schedule)>,
+}
+
+impl Groups {
+    /// No groups yet, of `job`.
+    fn new(job: &JobId) -> Self {
+        Groups {
+            job: job.clone(),
+            slots: HashMap::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// The slot of `schedule`'s group, numbered in the order groups are first met.
+    fn slot(&mut self, schedule: Schedule) -> usize {
+        let next = self.groups.len();
+        *self.slots.entry(schedule).or_insert_with_key(|schedule| {
+            self.groups.push((
+                Key {
+                    job: self.job.clone(),
+                    group: Arc::from(schedule.to_string()),
+                },
+                schedule.clone(),
+            ));
+            next
+        })
+    }
+
+    /// The user of each of `preferences` (latest per user, ordered by user) with the slot of
+    /// their group, in the same order; users without a schedule are left out.
+    fn assign(
+        &mut self,
+        preferences: Vec<Preference>,
+        defaults: &PreferenceDefaults,
+    ) -> Vec<(UserId, usize)> {
+        preferences
+            .into_iter()
+            .filter_map(|preference| {
+                let schedule = schedule_of(&preference, defaults)?;
+                Some((preference.user, self.slot(schedule)))
+            })
+            .collect()
+    }
+
+    /// How many groups there are.
+    fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The key and schedule of the group in `slot`.
+    fn get(&self, slot: usize) -> (&Key, &Schedule) {
+        let (key, schedule) = &self.groups[slot];
+        (key, schedule)
+    }
+}
+
+/// The last change of each user in `changes` (later changes of a user win), ordered by user.
+fn latest_per_user(changes: Vec<Preference>) -> Vec<Preference> {
+    // A full read usually lists every user once, in order: nothing to do.
+    if changes.is_sorted_by(|a, b| a.user < b.user) {
+        return changes;
+    }
+    // Sort positions rather than the (large) preferences; the sort is stable, so each user's
+    // changes stay in feed order and the last of them is kept.
+    let mut order: Vec<usize> = (0..changes.len()).collect();
+    order.sort_by(|&a, &b| changes[a].user.cmp(&changes[b].user));
+    order.dedup_by(|later, kept| {
+        let same = changes[*later].user == changes[*kept].user;
+        if same {
+            *kept = *later;
+        }
+        same
+    });
+    let mut slots: Vec<Option<Preference>> = changes.into_iter().map(Some).collect();
+    order.iter().filter_map(|&i| slots[i].take()).collect()
 }
 
 impl Index {
@@ -276,7 +382,7 @@ impl BatchScheduler {
         }
         let fresh = ScheduleState {
             job: key.job.clone(),
-            group: key.group.clone(),
+            group: key.group.to_string(),
             tenant: tenant.clone(),
             next_nominal: schedule.next_nominal(from - Duration::milliseconds(1)),
             last_fired: stored.as_ref().and_then(|s| s.last_fired),
@@ -308,15 +414,7 @@ impl BatchScheduler {
             .await?
             .into_iter()
             .filter(|s| s.group.is_empty())
-            .map(|s| {
-                (
-                    Key {
-                        job: s.job.clone(),
-                        group: String::new(),
-                    },
-                    s,
-                )
-            })
+            .map(|s| (Key::own(&s.job), s))
             .collect();
         let mut index = Index::default();
         let jobs = self.catalog.jobs();
@@ -328,10 +426,7 @@ impl BatchScheduler {
             let Some(schedule) = &job.schedule else {
                 continue;
             };
-            let key = Key {
-                job: job.id.clone(),
-                group: String::new(),
-            };
+            let key = Key::own(&job.id);
             let stored = stored.remove(&key);
             let (next, last) = self
                 .start(&key, &job.tenant, schedule, stored, now, false)
@@ -385,11 +480,7 @@ impl BatchScheduler {
                     continue;
                 }
             };
-            // Later changes of a user win; only the last one per user matters.
-            let mut latest: HashMap<UserId, Preference> = HashMap::new();
-            for change in changes {
-                latest.insert(change.user.clone(), change);
-            }
+            let changes = latest_per_user(changes);
             let mut stored = HashMap::new();
             if !loaded {
                 stored = self
@@ -401,21 +492,17 @@ impl BatchScheduler {
                     .map(|s| (s.group.clone(), s))
                     .collect();
             }
-            let mut users: Vec<&UserId> = latest.keys().collect();
-            users.sort();
-            for user in users {
-                let preference = &latest[user];
-                let group = preference
-                    .enabled
-                    .then(|| preference.schedule(&dynamic.defaults).0)
-                    .flatten();
-                if self
-                    .regroup(index, job, user, group, &mut stored, loaded, now)
-                    .await?
-                {
-                    applied += 1;
-                }
-            }
+            applied += self
+                .apply(
+                    index,
+                    job,
+                    &dynamic.defaults,
+                    changes,
+                    &mut stored,
+                    loaded,
+                    now,
+                )
+                .await?;
             if let Some(members) = index.members.get_mut(&job_id) {
                 members.loaded = true;
                 members.watermark = watermark;
@@ -424,74 +511,204 @@ impl BatchScheduler {
         Ok(applied)
     }
 
-    /// Moves `user` of `job` into the group of `schedule` (out of every group for `None`).
-    /// Returns whether anything changed.
+    /// Applies `changes` (the latest per user, ordered by user) of the Dynamic `job`, whose
+    /// users without a preference of their own follow `defaults`, to its groups. Returns how
+    /// many users changed group.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &self,
+        index: &mut Index,
+        job: &Job,
+        defaults: &PreferenceDefaults,
+        changes: Vec<Preference>,
+        stored: &mut HashMap<String, ScheduleState>,
+        running: bool,
+        now: DateTime<Utc>,
+    ) -> Result<usize, Error> {
+        let mut groups = Groups::new(&job.id);
+        let grouped = index
+            .members
+            .get(&job.id)
+            .is_some_and(|m| !m.group_of.is_empty());
+        if grouped {
+            self.regroup_each(
+                index,
+                job,
+                &mut groups,
+                defaults,
+                changes,
+                stored,
+                running,
+                now,
+            )
+            .await
+        } else {
+            // Nobody to move out of a group (the first read): every user joins one, which
+            // is done group by group.
+            let users = groups.assign(changes, defaults);
+            self.join(index, job, &groups, users, stored, running, now)
+                .await
+        }
+    }
+
+    /// [`Self::regroup`] for the user of each of `changes`, in order; returns how many
+    /// changed group.
+    #[allow(clippy::too_many_arguments)]
+    async fn regroup_each(
+        &self,
+        index: &mut Index,
+        job: &Job,
+        groups: &mut Groups,
+        defaults: &PreferenceDefaults,
+        changes: Vec<Preference>,
+        stored: &mut HashMap<String, ScheduleState>,
+        running: bool,
+        now: DateTime<Utc>,
+    ) -> Result<usize, Error> {
+        let mut moved = 0;
+        for preference in changes {
+            let slot = schedule_of(&preference, defaults).map(|schedule| groups.slot(schedule));
+            let group = slot.map(|slot| groups.get(slot));
+            if self
+                .regroup(index, job, preference.user, group, stored, running, now)
+                .await?
+            {
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Puts `users` (ordered, each with the slot of their group in `groups`) into their
+    /// groups when `job` has no grouped users yet (its first read): the same as
+    /// [`Self::regroup`] for each user in turn, done group by group. Returns how many users
+    /// joined a group.
+    #[allow(clippy::too_many_arguments)]
+    async fn join(
+        &self,
+        index: &mut Index,
+        job: &Job,
+        groups: &Groups,
+        users: Vec<(UserId, usize)>,
+        stored: &mut HashMap<String, ScheduleState>,
+        running: bool,
+        now: DateTime<Utc>,
+    ) -> Result<usize, Error> {
+        let mut by_slot: Vec<Vec<UserId>> = vec![Vec::new(); groups.len()];
+        for (user, slot) in &users {
+            if let Some(members) = by_slot.get_mut(*slot) {
+                members.push(user.clone());
+            }
+        }
+        // Groups are created in the order of their first user, as one by one would.
+        for (slot, members) in by_slot.into_iter().enumerate() {
+            let (key, schedule) = groups.get(slot);
+            if let Some(unit) = index.units.get_mut(key) {
+                unit.users.extend(members);
+                continue;
+            }
+            let stored = match stored.remove(&*key.group) {
+                Some(state) => Some(state),
+                None if running => self.schedules.schedule_state(&job.id, &key.group).await?,
+                None => None,
+            };
+            let (next, last) = self
+                .start(key, &job.tenant, schedule, stored, now, running)
+                .await?;
+            index.insert(
+                key.clone(),
+                Unit {
+                    schedule: schedule.clone(),
+                    next,
+                    last,
+                    users: members.into_iter().collect(),
+                },
+            );
+        }
+        // Recorded once every group exists, so a failure above leaves all users to the next
+        // read (which finds the groups made so far and adds to them).
+        let joined = users.len();
+        let entries = users
+            .into_iter()
+            .map(|(user, slot)| (user, groups.get(slot).0.group.clone()));
+        let group_of = &mut index.members.entry(job.id.clone()).or_default().group_of;
+        if group_of.is_empty() {
+            // In order, so built in one pass.
+            *group_of = entries.collect();
+        } else {
+            group_of.extend(entries);
+        }
+        Ok(joined)
+    }
+
+    /// Moves `user` of `job` into `group` (its key and schedule; out of every group for
+    /// `None`). Returns whether anything changed.
     #[allow(clippy::too_many_arguments)]
     async fn regroup(
         &self,
         index: &mut Index,
         job: &Job,
-        user: &UserId,
-        schedule: Option<Schedule>,
+        user: UserId,
+        group: Option<(&Key, &Schedule)>,
         stored: &mut HashMap<String, ScheduleState>,
         running: bool,
         now: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        let new_group = schedule.as_ref().map(ToString::to_string);
         let old_group = index
             .members
             .get(&job.id)
-            .and_then(|m| m.group_of.get(user).cloned());
-        if old_group == new_group {
+            .and_then(|m| m.group_of.get(&user));
+        if old_group.map(|g| &**g) == group.map(|(key, _)| &*key.group) {
             return Ok(false);
         }
         if let Some(old) = old_group {
             let key = Key {
                 job: job.id.clone(),
-                group: old,
+                group: old.clone(),
             };
             let empty = index.units.get_mut(&key).is_some_and(|unit| {
-                unit.users.remove(user);
+                unit.users.remove(&user);
                 unit.users.is_empty()
             });
             if empty {
                 index.remove(&key);
             }
         }
-        let members = index.members.entry(job.id.clone()).or_default();
-        match (&new_group, schedule) {
-            (Some(group), Some(schedule)) => {
-                members.group_of.insert(user.clone(), group.clone());
-                let key = Key {
-                    job: job.id.clone(),
-                    group: group.clone(),
-                };
-                if let Some(unit) = index.units.get_mut(&key) {
-                    unit.users.insert(user.clone());
-                } else {
-                    let stored = match stored.remove(group) {
-                        Some(state) => Some(state),
-                        None if running => self.schedules.schedule_state(&job.id, group).await?,
-                        None => None,
-                    };
-                    let (next, last) = self
-                        .start(&key, &job.tenant, &schedule, stored, now, running)
-                        .await?;
-                    index.insert(
-                        key,
-                        Unit {
-                            schedule,
-                            next,
-                            last,
-                            users: BTreeSet::from([user.clone()]),
-                        },
-                    );
-                }
+        let Some((key, schedule)) = group else {
+            if let Some(members) = index.members.get_mut(&job.id) {
+                members.group_of.remove(&user);
             }
-            _ => {
-                members.group_of.remove(user);
-            }
+            return Ok(true);
+        };
+        if let Some(unit) = index.units.get_mut(key) {
+            unit.users.insert(user.clone());
+        } else {
+            let stored = match stored.remove(&*key.group) {
+                Some(state) => Some(state),
+                None if running => self.schedules.schedule_state(&job.id, &key.group).await?,
+                None => None,
+            };
+            let (next, last) = self
+                .start(key, &job.tenant, schedule, stored, now, running)
+                .await?;
+            index.insert(
+                key.clone(),
+                Unit {
+                    schedule: schedule.clone(),
+                    next,
+                    last,
+                    users: BTreeSet::from([user.clone()]),
+                },
+            );
         }
+        // Recorded once the group exists: if creating it failed, the next read of the change
+        // finds the user ungrouped and tries again.
+        index
+            .members
+            .entry(job.id.clone())
+            .or_default()
+            .group_of
+            .insert(user, key.group.clone());
         Ok(true)
     }
 
@@ -597,7 +814,7 @@ impl BatchScheduler {
                     .await?;
                 report.fired.push(Fired {
                     job: job.id.clone(),
-                    group: key.group.clone(),
+                    group: key.group.to_string(),
                     nominal: *nominal,
                     run,
                 });
@@ -605,7 +822,7 @@ impl BatchScheduler {
         }
         let state = ScheduleState {
             job: job.id.clone(),
-            group: key.group.clone(),
+            group: key.group.to_string(),
             tenant: job.tenant.clone(),
             next_nominal: due.next,
             last_fired: fired.last().copied().or(unit.last),
@@ -766,7 +983,7 @@ impl BatchScheduler {
                             job.id
                         )));
                     }
-                    instants.push((nominal, key.group.clone(), scope.clone()));
+                    instants.push((nominal, key.group.to_string(), scope.clone()));
                 }
             }
         }
@@ -865,7 +1082,7 @@ impl BatchScheduler {
                 job: job.id.clone(),
                 tenant: job.tenant.clone(),
                 feature_type,
-                group: key.group.clone(),
+                group: key.group.to_string(),
                 schedule: unit.schedule.to_string(),
                 users: unit.users.len(),
                 nominal,
@@ -910,5 +1127,238 @@ impl BatchScheduler {
                 _ = stop.changed() => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use batch_domain::TimeOfDay;
+    use batch_domain::config::parse_job;
+    use batch_domain::preference::Frequency;
+    use batch_testkit::ManualClock;
+    use batch_testkit::fakes::{
+        Behaviour, FakeCategories, FakeExecutor, FakePreferences, FakeTemplates, FakeUsers,
+        MemoryRuns,
+    };
+    use serde_json::json;
+
+    use super::*;
+    use crate::Ports;
+    use crate::processor::ProcessorSettings;
+    use crate::strategy::Strategies;
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    /// A scheduler of `job` over fresh in-memory fakes.
+    fn scheduler(job: &Job, now: DateTime<Utc>) -> BatchScheduler {
+        let runs = Arc::new(MemoryRuns::default());
+        let clock = Arc::new(ManualClock::new(now));
+        let ports = Ports {
+            runs: runs.clone(),
+            contexts: runs.clone(),
+            users: Arc::new(FakeUsers::default()),
+            categories: Arc::new(FakeCategories::default()),
+            preferences: Arc::new(FakePreferences::default()),
+            templates: Arc::new(FakeTemplates::default()),
+            executor: Arc::new(FakeExecutor::new(Behaviour::default(), clock.clone())),
+            clock,
+        };
+        let processor = Arc::new(BatchProcessor::new(
+            ports,
+            Strategies::default(),
+            ProcessorSettings::default(),
+        ));
+        BatchScheduler::new(processor, runs, std::slice::from_ref(job))
+    }
+
+    /// The briefing job, with or without a default schedule.
+    fn briefing(default_schedule: bool) -> Job {
+        let mut spec = json!({
+            "id": "briefing", "tenant": "acme", "type": "PREFERENCE_INDIVIDUAL_USERS",
+            "template": "digest", "source": {"users": {"ids": ["u000"]}},
+            "feature_type": "briefing", "overlap": "buffer_all",
+        });
+        if default_schedule {
+            spec["default_preferences"] =
+                json!({"schedule": {"frequency": "weekly", "on": "tue", "at": "07:00"}});
+        }
+        parse_job(spec).unwrap_or_else(|p| panic!("{p}"))
+    }
+
+    /// The `n`th of a spread of preferences: users out of order and some more than once,
+    /// every frequency, times and zones given or not (one zone invalid), some disabled.
+    fn preference(n: usize) -> Preference {
+        let frequencies = [
+            None,
+            Some(Frequency::Hourly),
+            Some(Frequency::Daily),
+            Some(Frequency::Weekly),
+            Some(Frequency::Biweekly),
+            Some(Frequency::Monthly),
+        ];
+        let times = [None, Some("09:00"), Some("09:15"), Some("18:30")];
+        let zones = [None, Some("UTC"), Some("Europe/Berlin"), Some("Mars/Base")];
+        Preference {
+            tenant: TenantId::parse("acme").unwrap(),
+            user: UserId::parse(format!("u{:03}", (n * 37) % 250)).unwrap(),
+            feature_type: FeatureType::parse("briefing").unwrap(),
+            frequency: frequencies[n % frequencies.len()],
+            time_of_day: times[(n / 2) % times.len()].map(|t| TimeOfDay::parse(t).unwrap()),
+            time_zone: zones[(n / 3) % zones.len()].map(str::to_owned),
+            weekday: n.is_multiple_of(5).then_some(chrono::Weekday::Fri),
+            day_of_month: n.is_multiple_of(7).then_some(31),
+            template_override: None,
+            parameters: serde_json::Map::new(),
+            enabled: !n.is_multiple_of(11),
+            version: u64::try_from(n).unwrap(),
+        }
+    }
+
+    /// One group of a snapshot: its name, schedule, next and last instants and its users.
+    type Group = (
+        String,
+        String,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        Vec<String>,
+    );
+
+    /// Everything an index holds, comparable: its groups, each user's group, the due order.
+    fn snapshot(index: &Index) -> (Vec<Group>, Vec<(String, String)>, Vec<String>) {
+        let mut groups: Vec<Group> = index
+            .units
+            .iter()
+            .map(|(key, unit)| {
+                (
+                    format!("{}#{}", key.job, key.group),
+                    unit.schedule.to_string(),
+                    unit.next,
+                    unit.last,
+                    unit.users.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        groups.sort();
+        let mut members: Vec<(String, String)> = index
+            .members
+            .iter()
+            .flat_map(|(job, m)| {
+                m.group_of
+                    .iter()
+                    .map(move |(user, group)| (format!("{job}/{user}"), group.to_string()))
+            })
+            .collect();
+        members.sort();
+        let due = index
+            .due
+            .iter()
+            .map(|(at, key)| format!("{at} {}#{}", key.job, key.group))
+            .collect();
+        (groups, members, due)
+    }
+
+    #[tokio::test]
+    async fn a_first_read_grouped_group_by_group_equals_user_by_user() {
+        let now = utc("2027-01-04T00:07:00Z");
+        let changes = latest_per_user((0..400).map(preference).collect());
+        for (default_schedule, running) in [(true, false), (false, false), (true, true)] {
+            let job = briefing(default_schedule);
+            let defaults = &job.dynamic.as_ref().unwrap().defaults;
+            let case = format!("default schedule {default_schedule}, running {running}");
+
+            let by_group = scheduler(&job, now);
+            let mut grouped = by_group.load(now).await.unwrap();
+            let mut groups = Groups::new(&job.id);
+            let users = groups.assign(changes.clone(), defaults);
+            let joined = by_group
+                .join(
+                    &mut grouped,
+                    &job,
+                    &groups,
+                    users,
+                    &mut HashMap::new(),
+                    running,
+                    now,
+                )
+                .await
+                .unwrap();
+
+            let by_user = scheduler(&job, now);
+            let mut one_by_one = by_user.load(now).await.unwrap();
+            let moved = by_user
+                .regroup_each(
+                    &mut one_by_one,
+                    &job,
+                    &mut Groups::new(&job.id),
+                    defaults,
+                    changes.clone(),
+                    &mut HashMap::new(),
+                    running,
+                    now,
+                )
+                .await
+                .unwrap();
+
+            assert_eq!(joined, moved, "{case}");
+            assert!(joined > 100 && joined < changes.len(), "{case}: {joined}");
+            let snapshot = snapshot(&grouped);
+            assert!(snapshot.0.len() > 10, "{case}: {} groups", snapshot.0.len());
+            assert_eq!(snapshot, self::snapshot(&one_by_one), "{case}");
+            // Each group is named by its schedule's text, as stored.
+            for (name, schedule, ..) in &snapshot.0 {
+                assert_eq!(name, &format!("briefing#{schedule}"), "{case}");
+            }
+            assert_eq!(
+                by_group.schedules.schedule_states().await.unwrap().len(),
+                snapshot.0.len(),
+                "{case}"
+            );
+        }
+    }
+
+    /// Checks that of `feed` (user, version) only the last change of each user is kept, in
+    /// user order.
+    fn check(feed: &[(&str, u64)], expected: &[(&str, u64)]) {
+        let changes = feed
+            .iter()
+            .map(|&(user, version)| Preference {
+                version,
+                user: UserId::parse(user).unwrap(),
+                ..preference(1)
+            })
+            .collect();
+        let latest: Vec<(String, u64)> = latest_per_user(changes)
+            .into_iter()
+            .map(|p| (p.user.to_string(), p.version))
+            .collect();
+        let expected: Vec<(String, u64)> = expected
+            .iter()
+            .map(|&(user, version)| (user.to_owned(), version))
+            .collect();
+        assert_eq!(latest, expected, "{feed:?}");
+    }
+
+    #[test]
+    fn only_the_latest_change_of_each_user_counts() {
+        check(&[], &[]);
+        check(
+            &[("a", 1), ("b", 2), ("c", 3)],
+            &[("a", 1), ("b", 2), ("c", 3)],
+        );
+        check(
+            &[("c", 1), ("a", 2), ("b", 3)],
+            &[("a", 2), ("b", 3), ("c", 1)],
+        );
+        check(&[("a", 1), ("a", 2)], &[("a", 2)]);
+        check(
+            &[("b", 1), ("a", 2), ("b", 3), ("a", 4), ("c", 5), ("b", 6)],
+            &[("a", 4), ("b", 6), ("c", 5)],
+        );
+        // The feed order decides, not the version.
+        check(&[("a", 9), ("b", 1), ("a", 3)], &[("a", 3), ("b", 1)]);
     }
 }
