@@ -839,10 +839,10 @@ impl Execution<'_> {
         self.finish(Some(status)).await
     }
 
-    /// Claims and executes up to `max_chunks` chunks, keeping up to twice the concurrency limit
-    /// of items claimed ahead, and records each chunk when its last item answered. Returns how
-    /// many items were executed and recorded: 0 when nothing was due (or the run is cancelled or
-    /// stopping).
+    /// Claims and executes up to `max_chunks` chunks, keeping a chunk and twice the concurrency
+    /// limit of items claimed ahead (so a slow claim or record does not starve the requests),
+    /// and records each chunk when its last item answered. Returns how many items were executed
+    /// and recorded: 0 when nothing was due (or the run is cancelled or stopping).
     async fn fly(
         &mut self,
         max_chunks: usize,
@@ -874,7 +874,7 @@ impl Execution<'_> {
                 && !cancelled
                 && !stopping
                 && claimed < max_chunks
-                && flight.len() < 2 * concurrency
+                && flight.len() < chunk_size + 2 * concurrency
             {
                 // With nothing in flight, items still leased to this processor are leftovers
                 // of a step that failed with requests in flight.
