@@ -603,27 +603,8 @@ impl BatchScheduler {
         // Groups are created in the order of their first user, as one by one would.
         for (slot, members) in by_slot.into_iter().enumerate() {
             let (key, schedule) = groups.get(slot);
-            if let Some(unit) = index.units.get_mut(key) {
-                unit.users.extend(members);
-                continue;
-            }
-            let stored = match stored.remove(&*key.group) {
-                Some(state) => Some(state),
-                None if running => self.schedules.schedule_state(&job.id, &key.group).await?,
-                None => None,
-            };
-            let (next, last) = self
-                .start(key, &job.tenant, schedule, stored, now, running)
+            self.add_to_group(index, job, (key, schedule), members, stored, running, now)
                 .await?;
-            index.insert(
-                key.clone(),
-                Unit {
-                    schedule: schedule.clone(),
-                    next,
-                    last,
-                    users: members.into_iter().collect(),
-                },
-            );
         }
         // Recorded once every group exists, so a failure above leaves all users to the next
         // read (which finds the groups made so far and adds to them).
@@ -639,6 +620,43 @@ impl BatchScheduler {
             group_of.extend(entries);
         }
         Ok(joined)
+    }
+
+    /// Adds `users` to the group `key` of `job` firing on `schedule`, creating the group (its
+    /// durable state from `stored`, or read when `running`) when it does not exist yet.
+    #[allow(clippy::too_many_arguments)]
+    async fn add_to_group(
+        &self,
+        index: &mut Index,
+        job: &Job,
+        (key, schedule): (&Key, &Schedule),
+        users: impl IntoIterator<Item = UserId>,
+        stored: &mut HashMap<String, ScheduleState>,
+        running: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        if let Some(unit) = index.units.get_mut(key) {
+            unit.users.extend(users);
+            return Ok(());
+        }
+        let stored = match stored.remove(&*key.group) {
+            Some(state) => Some(state),
+            None if running => self.schedules.schedule_state(&job.id, &key.group).await?,
+            None => None,
+        };
+        let (next, last) = self
+            .start(key, &job.tenant, schedule, stored, now, running)
+            .await?;
+        index.insert(
+            key.clone(),
+            Unit {
+                schedule: schedule.clone(),
+                next,
+                last,
+                users: users.into_iter().collect(),
+            },
+        );
+        Ok(())
     }
 
     /// Moves `user` of `job` into `group` (its key and schedule; out of every group for
@@ -680,27 +698,16 @@ impl BatchScheduler {
             }
             return Ok(true);
         };
-        if let Some(unit) = index.units.get_mut(key) {
-            unit.users.insert(user.clone());
-        } else {
-            let stored = match stored.remove(&*key.group) {
-                Some(state) => Some(state),
-                None if running => self.schedules.schedule_state(&job.id, &key.group).await?,
-                None => None,
-            };
-            let (next, last) = self
-                .start(key, &job.tenant, schedule, stored, now, running)
-                .await?;
-            index.insert(
-                key.clone(),
-                Unit {
-                    schedule: schedule.clone(),
-                    next,
-                    last,
-                    users: BTreeSet::from([user.clone()]),
-                },
-            );
-        }
+        self.add_to_group(
+            index,
+            job,
+            (key, schedule),
+            [user.clone()],
+            stored,
+            running,
+            now,
+        )
+        .await?;
         // Recorded once the group exists: if creating it failed, the next read of the change
         // finds the user ungrouped and tries again.
         index
