@@ -14,7 +14,9 @@
 //! unique key (job, nominal instant, group) and the occurrence's run, then moves the durable
 //! schedule state on with a compare-and-set. A replica that loses a race finds the occurrence
 //! (and its run) existing and only moves on; a crash between the occurrence and its run is
-//! repaired by the next tick, which sees the occurrence without a run and creates it.
+//! repaired by the next tick, which sees the occurrence without a run and creates it, even
+//! when the tick comes so late that the misfire policy would pass over that instant: the
+//! occurrence records that the instant was fired.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -135,6 +137,18 @@ struct Unit {
     next: Option<DateTime<Utc>>,
     last: Option<DateTime<Utc>>,
     users: BTreeSet<UserId>,
+}
+
+impl Unit {
+    /// Whom a fire of this schedule (under `key`) runs for: a preference group's own users,
+    /// or the job's whole source for its own schedule.
+    fn scope(&self, key: &Key) -> Scope {
+        Scope {
+            users: (!key.group.is_empty())
+                .then(|| self.users.iter().cloned().collect::<HashSet<_>>()),
+            ..Scope::default()
+        }
+    }
 }
 
 /// The users of one Dynamic job, by group, and how far its change feed has been read.
@@ -805,19 +819,50 @@ impl BatchScheduler {
             report.paused += due.fire.len() + due.dropped;
         } else {
             report.dropped += due.dropped;
+            if due.dropped > 0 {
+                // The policy passes over instants. One of them may have been fired already by a
+                // tick that crashed after creating its occurrence and before its run: that
+                // instant was decided, and gets its run however late it is now.
+                let orphans = self
+                    .processor
+                    .ports()
+                    .runs
+                    .occurrences_without_run(&job.id, &key.group, next_nominal, now)
+                    .await?;
+                for nominal in orphans.into_iter().filter(|n| !due.fire.contains(n)) {
+                    let run = self
+                        .occur(
+                            job,
+                            &key.group,
+                            nominal,
+                            Trigger::Scheduled,
+                            &unit.scope(key),
+                        )
+                        .await?;
+                    fired.push(nominal);
+                    report.dropped = report.dropped.saturating_sub(1);
+                    report.fired.push(Fired {
+                        job: job.id.clone(),
+                        group: key.group.to_string(),
+                        nominal,
+                        run,
+                    });
+                }
+            }
             for nominal in &due.fire {
                 if !self.overlap_allows(job, &key.group, *nominal).await? {
                     report.dropped += 1;
                     continue;
                 }
                 fired.push(*nominal);
-                let scope = Scope {
-                    users: (!key.group.is_empty())
-                        .then(|| unit.users.iter().cloned().collect::<HashSet<_>>()),
-                    ..Scope::default()
-                };
                 let run = self
-                    .occur(job, &key.group, *nominal, Trigger::Scheduled, &scope)
+                    .occur(
+                        job,
+                        &key.group,
+                        *nominal,
+                        Trigger::Scheduled,
+                        &unit.scope(key),
+                    )
                     .await?;
                 report.fired.push(Fired {
                     job: job.id.clone(),
@@ -832,7 +877,7 @@ impl BatchScheduler {
             group: key.group.to_string(),
             tenant: job.tenant.clone(),
             next_nominal: due.next,
-            last_fired: fired.last().copied().or(unit.last),
+            last_fired: fired.iter().max().copied().or(unit.last),
         };
         if self
             .schedules

@@ -304,6 +304,76 @@ async fn an_occurrence_left_without_its_run_by_a_crash_gets_one_run() {
     assert!(again.fired.iter().all(|f| f.run.is_none()));
 }
 
+/// A replica crashed between creating an occurrence and its run, and the next tick comes so
+/// late that the misfire policy passes over that instant: the instant was fired all the same,
+/// so it gets its run, once, and the policy still decides every other instant.
+#[tokio::test]
+async fn an_orphaned_occurrence_gets_its_run_even_when_the_policy_passes_over_its_instant() {
+    let start = utc("2027-01-01T10:00:00Z");
+    let every_minute = json!({"cron": "0 * * * * *"});
+    let jobs = vec![
+        job("skip", every_minute.clone(), json!({"policy": "skip"})),
+        job("once", every_minute, json!({"policy": "fire_once"})),
+    ];
+    let world = world(start - Duration::minutes(1));
+    let scheduler = world.scheduler(&jobs);
+    let first = scheduler.tick(start - Duration::minutes(1)).await.unwrap();
+    assert_eq!(first.fired.len(), 2, "09:59 fires for both");
+    let acme = TenantId::parse("acme").unwrap();
+    let mut orphans = Vec::new();
+    for id in ["skip", "once"] {
+        let Occurrence::Created(occurrence) = world
+            .runs
+            .create_occurrence(&JobId::parse(id).unwrap(), &acme, start, "")
+            .await
+            .unwrap()
+        else {
+            panic!("the occurrence was new")
+        };
+        orphans.push(occurrence);
+    }
+    // Down from 10:00 to 10:10:30.
+    let late = start + Duration::seconds(630);
+    let restarted = world.scheduler(&jobs);
+    let report = restarted.tick(late).await.unwrap();
+    let of = |job: &str| -> Vec<(String, bool)> {
+        report
+            .fired
+            .iter()
+            .filter(|f| f.job.as_str() == job)
+            .map(|f| (f.nominal.format("%H:%M").to_string(), f.run.is_some()))
+            .collect()
+    };
+    // 10:01–10:09 are more than a minute late: passed over; 10:10 is on time.
+    for id in ["skip", "once"] {
+        assert_eq!(
+            of(id),
+            [("10:00".to_owned(), true), ("10:10".to_owned(), true)],
+            "{id}"
+        );
+    }
+    assert_eq!(report.dropped, 18);
+    for occurrence in orphans {
+        assert!(
+            world
+                .runs
+                .run_for_occurrence(occurrence)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    // Nothing is repeated: the next tick fires only 10:11.
+    let next = restarted.tick(start + Duration::minutes(11)).await.unwrap();
+    let nominals: BTreeSet<_> = next
+        .fired
+        .iter()
+        .map(|f| f.nominal.format("%H:%M").to_string())
+        .collect();
+    assert_eq!(nominals, BTreeSet::from(["10:11".to_owned()]));
+    assert_eq!(next.fired.len(), 2);
+}
+
 #[tokio::test]
 async fn next_fires_are_listed_soonest_first() {
     let start = utc("2027-01-01T10:00:00Z");

@@ -221,6 +221,21 @@ pub trait RunStore: Send + Sync {
     /// [`StoreError::Unavailable`] when the database cannot be reached.
     async fn run_for_occurrence(&self, occurrence: i64) -> Result<Option<RunId>, StoreError>;
 
+    /// The instants in `[from, until]` at which `job` has an occurrence for `group` but no run,
+    /// oldest first: what a crash between creating an occurrence and creating its run left
+    /// behind. The scheduler gives each its run even when the misfire policy would no longer
+    /// fire that instant, since the occurrence records that it was fired.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn occurrences_without_run(
+        &self,
+        job: &JobId,
+        group: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DateTime<Utc>>, StoreError>;
+
     /// Creates a run in status `queued` with its items, in set-based statements inside one
     /// transaction.
     ///

@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait, Value};
 
 use crate::Store;
 use crate::convert::{
-    ITEM_COLUMNS, RUN_COLUMNS, big, db_error, item_record, json, millis, optional_big,
+    ITEM_COLUMNS, RUN_COLUMNS, big, db_error, instant, item_record, json, millis, optional_big,
     optional_text, run_record, text,
 };
 
@@ -144,6 +144,35 @@ impl RunStore for Store {
             RunId::parse(id).map_err(|e| StoreError::Unexpected(format!("stored run id: {e}")))
         })
         .transpose()
+    }
+
+    async fn occurrences_without_run(
+        &self,
+        job: &JobId,
+        group: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DateTime<Utc>>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(self.statement(
+                "SELECT o.nominal_ms FROM occurrences o \
+                 WHERE o.job_id = $1 AND o.group_key = $2 \
+                 AND o.nominal_ms >= $3 AND o.nominal_ms <= $4 \
+                 AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.occurrence_id = o.id) \
+                 ORDER BY o.nominal_ms",
+                vec![
+                    text(job.as_str()),
+                    text(group),
+                    big(millis(from)),
+                    big(millis(until)),
+                ],
+            ))
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| instant(row.try_get("", "nominal_ms").map_err(db_error)?))
+            .collect()
     }
 
     async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {

@@ -640,6 +640,42 @@ async fn an_occurrence_is_created_once(backend: Backend) {
         .unwrap();
     assert!(matches!(other_group, Occurrence::Created(_)));
     assert!(matches!(later, Occurrence::Created(_)));
+    // None has a run yet: all are orphans, in their range and group only, oldest first.
+    let orphans = |from: DateTime<Utc>, until: DateTime<Utc>| {
+        let store = store.clone();
+        let job = job.clone();
+        async move {
+            store
+                .occurrences_without_run(&job, "", from, until)
+                .await
+                .unwrap()
+        }
+    };
+    let two_hours = t0() + Duration::hours(2);
+    assert_eq!(
+        orphans(t0(), two_hours).await,
+        [t0(), t0() + Duration::hours(1)]
+    );
+    assert_eq!(
+        orphans(t0() + Duration::minutes(1), two_hours).await,
+        [t0() + Duration::hours(1)]
+    );
+    let first = *ids.first().unwrap();
+    store
+        .create_run(
+            NewRun {
+                occurrence: Some(first),
+                ..new_run("r1", "acme", t0())
+            },
+            items(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        orphans(t0(), two_hours).await,
+        [t0() + Duration::hours(1)],
+        "an occurrence with its run is no orphan"
+    );
 }
 
 async fn users_are_validated_in_chunks(backend: Backend) {

@@ -373,6 +373,30 @@ impl RunStore for MemoryRuns {
         Ok(lock(&self.state).run_occurrences.get(&occurrence).cloned())
     }
 
+    async fn occurrences_without_run(
+        &self,
+        job: &JobId,
+        group: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DateTime<Utc>>, StoreError> {
+        self.count_schedule_call();
+        let state = lock(&self.state);
+        let mut instants: Vec<_> = state
+            .occurrences
+            .iter()
+            .filter(|((j, ms, g), id)| {
+                j == job.as_str()
+                    && g == group
+                    && (from.timestamp_millis()..=until.timestamp_millis()).contains(ms)
+                    && !state.run_occurrences.contains_key(id)
+            })
+            .filter_map(|((_, ms, _), _)| DateTime::from_timestamp_millis(*ms))
+            .collect();
+        instants.sort_unstable();
+        Ok(instants)
+    }
+
     async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
         if let Some(occurrence) = run.occurrence {
