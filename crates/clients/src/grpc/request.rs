@@ -92,7 +92,7 @@ impl RequestExecutor for GrpcExecutor {
             latency_ms = started.elapsed().as_secs_f64() * 1_000.0,
             outcome = match &answer {
                 Ok(_) => "ok",
-                Err(status) if failure_kind(status.code()) == FailureKind::Retryable => "retryable",
+                Err(status) if classify(status) != FailureKind::Permanent => "retryable",
                 Err(_) => "permanent",
             },
         );
@@ -122,16 +122,7 @@ impl RequestExecutor for GrpcExecutor {
                 }
             }
             Err(status) => {
-                let kind = if never_sent(&status) {
-                    // The connection was refused: the service never saw the request, so it
-                    // costs the item no attempt (a long outage would otherwise use up the
-                    // attempts of the items that happen to be the breaker's probes).
-                    FailureKind::NotAttempted {
-                        retry_in: std::time::Duration::from_millis(200),
-                    }
-                } else {
-                    failure_kind(status.code())
-                };
+                let kind = classify(&status);
                 self.breaker.record(kind != FailureKind::Permanent);
                 Err(ExecuteError {
                     kind,
@@ -139,6 +130,32 @@ impl RequestExecutor for GrpcExecutor {
                 })
             }
         }
+    }
+}
+
+/// What a failed call means for its item.
+///
+/// * The connection was refused: the service never saw the request, so it costs the item no
+///   attempt (a long outage would otherwise use up the attempts of the items that happen to be
+///   the breaker's probes).
+/// * The status was made on this side from a transport failure (a stream reset or a connection
+///   closed while the service shut down, a broken pipe): tonic maps some of these to codes that
+///   are permanent when the service sends them (`INTERNAL` for an HTTP/2 reset without a gRPC
+///   status, `OUT_OF_RANGE` for an early end of stream). The service gave no verdict, so the
+///   call is retried. tonic keeps the transport error as the status's source; a status the
+///   service sent has none.
+/// * Otherwise the code decides ([`failure_kind`]).
+fn classify(status: &tonic::Status) -> FailureKind {
+    if never_sent(status) {
+        return FailureKind::NotAttempted {
+            retry_in: std::time::Duration::from_millis(200),
+        };
+    }
+    match failure_kind(status.code()) {
+        FailureKind::Permanent if std::error::Error::source(status).is_some() => {
+            FailureKind::Retryable
+        }
+        kind => kind,
     }
 }
 
@@ -158,4 +175,63 @@ fn never_sent(status: &tonic::Status) -> bool {
         source = error.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status as tonic makes it on the client from a transport error.
+    fn transport(code: tonic::Code, error: std::io::Error) -> tonic::Status {
+        let mut status = tonic::Status::new(code, format!("transport error: {error}"));
+        status.set_source(std::sync::Arc::new(error));
+        status
+    }
+
+    #[test]
+    fn a_refused_connection_costs_no_attempt() {
+        let refused = transport(
+            tonic::Code::Unavailable,
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        );
+        assert!(matches!(
+            classify(&refused),
+            FailureKind::NotAttempted { .. }
+        ));
+    }
+
+    #[test]
+    fn a_transport_failure_is_retried_whatever_code_tonic_gave_it() {
+        for (code, kind) in [
+            (tonic::Code::Internal, std::io::ErrorKind::BrokenPipe),
+            (tonic::Code::OutOfRange, std::io::ErrorKind::UnexpectedEof),
+            (tonic::Code::DataLoss, std::io::ErrorKind::InvalidData),
+            (
+                tonic::Code::Unavailable,
+                std::io::ErrorKind::ConnectionReset,
+            ),
+        ] {
+            assert_eq!(
+                classify(&transport(code, std::io::Error::from(kind))),
+                FailureKind::Retryable,
+                "{code:?} from {kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_services_own_verdict_stands() {
+        assert_eq!(
+            classify(&tonic::Status::internal("the template failed")),
+            FailureKind::Permanent
+        );
+        assert_eq!(
+            classify(&tonic::Status::invalid_argument("no such user")),
+            FailureKind::Permanent
+        );
+        assert_eq!(
+            classify(&tonic::Status::unavailable("overloaded")),
+            FailureKind::Retryable
+        );
+    }
 }
