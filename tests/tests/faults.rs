@@ -311,6 +311,34 @@ async fn check(
     report
 }
 
+/// The items of `run` that ended failed, as `key: attempts, error` lines: what a scenario
+/// whose run should have succeeded prints to say why it did not.
+async fn failed_items(db_url: &str, run: &str) -> String {
+    let conn = Database::connect(db_url).await.unwrap();
+    let rows = conn
+        .query_all_raw(sea_orm::Statement::from_string(
+            conn.get_database_backend(),
+            format!(
+                "SELECT item_key, attempts, error FROM run_items \
+                 WHERE run_id = '{run}' AND status = 'failed' ORDER BY item_key"
+            ),
+        ))
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    rows.iter()
+        .map(|row| {
+            let key: String = row.try_get("", "item_key").unwrap();
+            let attempts: i32 = row.try_get("", "attempts").unwrap();
+            let error: Option<String> = row.try_get("", "error").unwrap();
+            format!(
+                "{key}: {attempts} attempts, {}\n",
+                error.unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
 /// The items of `run` the database holds as ended.
 async fn terminal_items(db_url: &str, run: &str) -> std::collections::BTreeSet<String> {
     let conn = Database::connect(db_url).await.unwrap();

@@ -16,7 +16,10 @@ use batch_testkit::Backend;
 use batch_testkit::siblings::{FakeRequestService, SiblingServer, Siblings};
 use tonic::Code;
 
-use super::{check, database, env_number, finish, one_at_a_time, request_service, tokens, trigger};
+use super::{
+    check, database, env_number, failed_items, finish, one_at_a_time, request_service, tokens,
+    trigger,
+};
 
 /// A jobs file with the one job `load` of tenant `fault` over `items` users, with these
 /// execution limits and attempts.
@@ -266,7 +269,13 @@ async fn f5_a_stalling_then_unreachable_downstream_is_waited_out() {
     let back = Instant::now();
     let last = finish(&server, &run).await;
     let recovery = back.elapsed();
-    assert_eq!(last.status, "succeeded", "{last:?}\n{}", server.log());
+    assert_eq!(
+        last.status,
+        "succeeded",
+        "{last:?}\nfailed items:\n{}\n{}",
+        failed_items(&db.url, &run).await,
+        server.log()
+    );
     let growth_mib = rss_peak.saturating_sub(rss_before) as f64 / 1024.0;
     eprintln!(
         "F5 in flight peak={} (concurrency {CONCURRENCY}) rss before={} KiB peak during refusal={} KiB (+{growth_mib:.1} MiB) recovery={:.1}s",
