@@ -34,6 +34,7 @@ use batch_testkit::siblings::{FakeRequestService, SiblingServer, Siblings};
 use clap::Parser;
 use sea_orm::{ConnectionTrait, Database};
 
+mod cpu;
 mod scheduler;
 mod server;
 
@@ -143,7 +144,9 @@ async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         "127.0.0.1:0".parse().context("address")?,
     )
     .await;
+    let cpu_before_bare = cpu::this_process();
     let bare = bare_loop(&server.url(), args.items, args.concurrency).await?;
+    let bare_cpu = cpu::this_process() - cpu_before_bare;
     let backing = Backing::open(&args.backend)?;
     let url = backing.url();
     let store = Arc::new(
@@ -155,10 +158,25 @@ async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
     if matches!(backing, Backing::Postgres(_)) {
         statements(&url, true).await?;
     }
-    let processed = processor_run(args, &server.url(), store).await?;
-    let per_item = match backing {
-        Backing::Postgres(_) => Some(statements(&url, false).await? as f64 / args.items as f64),
-        Backing::Sqlite(_) => None,
+    let database_cpu = || match &backing {
+        Backing::Postgres(cluster) => cluster
+            .postmaster_pid()
+            .map_or(Duration::ZERO, cpu::process_tree),
+        Backing::Sqlite(_) => Duration::ZERO,
+    };
+    let (own_before, database_before) = (cpu::this_process(), database_cpu());
+    let timing = processor_run(args, &server.url(), store).await?;
+    let own_cpu = cpu::this_process() - own_before;
+    let db_cpu = database_cpu().saturating_sub(database_before);
+    let processed = timing.prepare + timing.execute;
+    let per_item_us = |d: Duration| d.as_secs_f64() * 1e6 / args.items as f64;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let (per_item, top) = match backing {
+        Backing::Postgres(_) => (
+            Some(statements(&url, false).await? as f64 / args.items as f64),
+            top_statements(&url).await?,
+        ),
+        Backing::Sqlite(_) => (None, Vec::new()),
     };
     let ceiling =
         (args.latency_ms > 0).then(|| args.concurrency as f64 / (args.latency_ms as f64 / 1_000.0));
@@ -172,6 +190,16 @@ async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         "bare_per_s": args.items as f64 / bare.as_secs_f64(),
         "littles_law_per_s": ceiling,
         "statements_per_item": per_item,
+        "prepare_s": timing.prepare.as_secs_f64(),
+        "execute_s": timing.execute.as_secs_f64(),
+        "cores": cores,
+        "bare_cpu_us_per_item": per_item_us(bare_cpu),
+        "bare_cpu_busy": bare_cpu.as_secs_f64() / (bare.as_secs_f64() * cores as f64),
+        "processor_cpu_us_per_item": per_item_us(own_cpu),
+        "database_cpu_us_per_item": per_item_us(db_cpu),
+        "processor_cpu_busy": (own_cpu + db_cpu).as_secs_f64()
+            / (processed.as_secs_f64() * cores as f64),
+        "top_statements": top,
     });
     println!("{line}");
     server.stop().await;
@@ -277,13 +305,45 @@ async fn statements(url: &str, reset: bool) -> anyhow::Result<u64> {
     Ok(u64::try_from(calls).unwrap_or(0))
 }
 
-/// Prepares and executes one run of the bench job; returns how long it took from the trigger
-/// to the run's end.
+/// How long a processor run took: preparing its items (reading the users, creating the run),
+/// then executing them.
+struct Timing {
+    prepare: Duration,
+    execute: Duration,
+}
+
+/// The statements that cost PostgreSQL the most time in the run, most first: where its CPU
+/// per item goes.
+async fn top_statements(url: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let conn = Database::connect(url).await.context("connecting")?;
+    let rows = conn
+        .query_all_raw(sea_orm::Statement::from_string(
+            conn.get_database_backend(),
+            "SELECT LEFT(regexp_replace(query, '\\s+', ' ', 'g'), 90) AS query, calls::BIGINT AS calls, \
+             rows::BIGINT AS rows, total_exec_time::FLOAT8 AS total_ms FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT 6",
+        ))
+        .await?;
+    conn.close().await?;
+    rows.iter()
+        .map(|row| {
+            Ok(serde_json::json!({
+                "query": row.try_get::<String>("", "query")?,
+                "calls": row.try_get::<i64>("", "calls")?,
+                "rows": row.try_get::<i64>("", "rows")?,
+                "total_ms": row.try_get::<f64>("", "total_ms")?,
+            }))
+        })
+        .collect()
+}
+
+/// Prepares and executes one run of the bench job; returns how long each took.
 async fn processor_run(
     args: &ThroughputArgs,
     endpoint: &str,
     store: Arc<Store>,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Timing> {
     let job = parse_job(serde_json::json!({
         "id": "bench", "tenant": "bench", "type": "INDIVIDUAL_USERS", "template": "digest",
         "source": {"users": {"filter": {"team": "load"}}},
@@ -323,14 +383,11 @@ async fn processor_run(
         .context("the run was taken")?;
     let status = execution.run_to_completion().await?;
     let took = started.elapsed();
-    eprintln!(
-        "prepared {} items in {:.2} s, executed in {:.2} s",
-        args.items,
-        prepared.as_secs_f64(),
-        (took - prepared).as_secs_f64()
-    );
     if status != RunStatus::Succeeded {
         bail!("the bench run ended {status}");
     }
-    Ok(took)
+    Ok(Timing {
+        prepare: prepared,
+        execute: took - prepared,
+    })
 }

@@ -121,6 +121,18 @@ impl PrivateCluster {
         self.port
     }
 
+    /// The process id of the cluster's postmaster, from `postmaster.pid`; `None` while it is
+    /// stopped. Benchmarks read the CPU time of it and its children from `/proc`.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(PathBuf::from(self.data()).join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Stops the server in `mode` and waits until it is down.
     ///
     /// # Panics
