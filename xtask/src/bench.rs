@@ -74,9 +74,14 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
                 value: ratio,
                 unit: "ratio",
                 detail: format!(
-                    "{items} items, concurrency 64, latency 0: processor {:.0}/s, bare tonic loop {:.0}/s",
+                    "{items} items, concurrency 64, latency 0: processor {:.0}/s (prepare {:.1} s, execute {:.1} s), bare tonic loop {:.0}/s; CPU per item: processor run {:.0} µs in process + {:.0} µs in PostgreSQL, bare loop {:.0} µs",
                     number(&line, "processor_per_s")?,
-                    number(&line, "bare_per_s")?
+                    number(&line, "prepare_s")?,
+                    number(&line, "execute_s")?,
+                    number(&line, "bare_per_s")?,
+                    number(&line, "processor_cpu_us_per_item")?,
+                    number(&line, "database_cpu_us_per_item")?,
+                    number(&line, "bare_cpu_us_per_item")?
                 ),
                 goal: Some((">= 0.8", ratio >= 0.8)),
             });
