@@ -138,12 +138,15 @@ impl RequestExecutor for GrpcExecutor {
 /// * The connection was refused: the service never saw the request, so it costs the item no
 ///   attempt (a long outage would otherwise use up the attempts of the items that happen to be
 ///   the breaker's probes).
-/// * The status was made on this side from a transport failure (a stream reset or a connection
-///   closed while the service shut down, a broken pipe): tonic maps some of these to codes that
-///   are permanent when the service sends them (`INTERNAL` for an HTTP/2 reset without a gRPC
-///   status, `OUT_OF_RANGE` for an early end of stream). The service gave no verdict, so the
-///   call is retried. tonic keeps the transport error as the status's source; a status the
-///   service sent has none.
+/// * The status was made on this side from a transport failure (an HTTP/2 stream reset or a
+///   connection error while the service shut down): tonic maps some of these to codes that are
+///   permanent when the service sends them (`INTERNAL` for a reset with `NO_ERROR` or
+///   `INTERNAL_ERROR` and no gRPC status, `PERMISSION_DENIED` for `INADEQUATE_SECURITY`). The
+///   service gave no verdict, so the call is retried. tonic keeps the transport error as the
+///   status's source; a status the service sent (trailers or a trailers-only answer) has none.
+///   A response body cut off mid-message is tonic's source-less `INTERNAL` "Unexpected EOF
+///   decoding stream." and stays permanent: it cannot be told apart from the service's own
+///   `INTERNAL` by anything but its text.
 /// * Otherwise the code decides ([`failure_kind`]).
 fn classify(status: &tonic::Status) -> FailureKind {
     if never_sent(status) {
@@ -202,10 +205,11 @@ mod tests {
 
     #[test]
     fn a_transport_failure_is_retried_whatever_code_tonic_gave_it() {
+        // As tonic's `from_h2_error` and `try_from_error` make them: the code, with the
+        // transport error kept as the source.
         for (code, kind) in [
             (tonic::Code::Internal, std::io::ErrorKind::BrokenPipe),
-            (tonic::Code::OutOfRange, std::io::ErrorKind::UnexpectedEof),
-            (tonic::Code::DataLoss, std::io::ErrorKind::InvalidData),
+            (tonic::Code::PermissionDenied, std::io::ErrorKind::Other),
             (
                 tonic::Code::Unavailable,
                 std::io::ErrorKind::ConnectionReset,
