@@ -139,7 +139,9 @@ async fn trigger(server: &Server) -> String {
 /// Follows `run` on `server` to its end; returns the last run message.
 async fn finish(server: &Server, run: &str) -> pb::Run {
     let mut api = client(server, Some("fault-token-1")).await;
-    let deadline = Instant::now() + Duration::from_secs(180);
+    // Longer for F1 at the size (`--items`), as before the kill.
+    let items = u32::try_from(env_number("FAULTS_ITEMS", 2_000)).unwrap_or(u32::MAX);
+    let deadline = Instant::now() + Duration::from_secs(180) + Duration::from_millis(5) * items;
     loop {
         assert!(
             Instant::now() < deadline,
@@ -399,7 +401,11 @@ async fn f1_a_killed_server_loses_no_item_and_repeats_no_success() {
     let server = Server::start(&db.url, Some(&jobs), &args);
     let run = trigger(&server).await;
     let kill_at = items / 10 + usize::try_from(next(&mut seed) % (items as u64 * 8 / 10)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Two minutes, and 5 ms more per item: the 100 000 items (`--items 100000`) take
+    // minutes to prepare and reach the kill point on a busy machine with a debug build.
+    let deadline = Instant::now()
+        + Duration::from_secs(120)
+        + Duration::from_millis(5) * u32::try_from(items).unwrap_or(u32::MAX);
     while requests.calls().len() < kill_at {
         assert!(
             Instant::now() < deadline,
