@@ -224,7 +224,35 @@ fn faults(root: &Path, args: &[String]) -> anyhow::Result<()> {
     if !failed.is_empty() {
         bail!("the fault scenarios failed in repeat(s) {failed:?}");
     }
+    let short = missing_reports(&only, repeat, &reports);
+    if !short.is_empty() {
+        // A scenario that found no database skips and still passes: not evidence.
+        bail!("too few reports (a scenario skipped; see its output): {short}");
+    }
     Ok(())
+}
+
+/// The selected scenarios (`only` as filters `f3_`, or all eleven) that reported fewer times
+/// than `repeat`, as `F3 19 of 20`.
+fn missing_reports(only: &[String], repeat: u64, reports: &[serde_json::Value]) -> String {
+    let selected: Vec<String> = if only.is_empty() {
+        (1..=11).map(|n| format!("F{n}")).collect()
+    } else {
+        only.iter()
+            .map(|filter| filter.trim_end_matches('_').to_uppercase())
+            .collect()
+    };
+    selected
+        .iter()
+        .filter_map(|scenario| {
+            let count = reports
+                .iter()
+                .filter(|r| r["scenario"].as_str() == Some(scenario))
+                .count() as u64;
+            (count < repeat).then(|| format!("{scenario} {count} of {repeat}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Runs the scenarios once; returns whether they passed, and their reports.
