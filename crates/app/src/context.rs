@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use batch_domain::config::Job;
-use batch_domain::context::{BatchContext, Metadata, Progress};
-use batch_domain::run::{ItemCounts, ItemStatus};
+use batch_domain::context::{BatchContext, Items, Metadata, Progress};
+use batch_domain::run::ItemCounts;
 use batch_ports::Clock;
 use batch_ports::contexts::ContextStore;
-use batch_ports::runs::{NewItem, RunRecord};
+use batch_ports::runs::RunRecord;
 
 use crate::Error;
 use crate::strategy::Prepared;
@@ -27,27 +27,18 @@ impl ContextManager {
         ContextManager { contexts, clock }
     }
 
-    /// The first context of a prepared run but for its metadata: valid and invalid items,
-    /// validation, notes, and progress at zero. Taken before the items go to the store, so they
-    /// are not copied.
-    pub fn draft(prepared: &Prepared) -> BatchContext {
-        let mut context = BatchContext {
+    /// The first context of a prepared run but for its metadata: the samples of its valid and
+    /// invalid `items` and how many are `pending`, what preparation found, and progress at
+    /// zero.
+    pub fn draft(prepared: Prepared, items: Items, pending: u64) -> BatchContext {
+        BatchContext {
             validation: prepared.validation,
             user_references: prepared.user_references,
-            notes: prepared.notes.clone(),
+            notes: prepared.notes,
+            items,
+            progress: Progress::new(0, 0, 0, pending),
             ..BatchContext::default()
-        };
-        let mut pending = 0;
-        for NewItem { key, status, .. } in &prepared.items {
-            if *status == ItemStatus::Invalid {
-                context.items.invalid.push(key.clone());
-            } else {
-                context.items.valid.push(key.clone());
-                pending += 1;
-            }
         }
-        context.progress = Progress::new(0, 0, 0, pending);
-        context
     }
 
     /// Saves the first context of `run`: `draft` ([`ContextManager::draft`]) with the run's

@@ -18,12 +18,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use batch_domain::config::Job;
-use batch_domain::context::Progress;
+use batch_domain::context::{Items, Progress};
 use batch_domain::priority::{Aging, Waiting, fair_order};
 use batch_domain::retry::{Decision, FailureKind};
 use batch_domain::run::{ItemStatus, RunId, RunStatus, Trigger};
 use batch_domain::{TemplateId, UserId};
-use batch_ports::runs::{ItemOutcome, ItemRecord, NewItem, NewRun, RunRecord, StoreError};
+use batch_ports::runs::{
+    ItemOutcome, ItemRecord, NewItem, NewRun, RunDraft, RunRecord, StoreError,
+};
 use batch_ports::{ExecuteError, Request, SourceError, Template};
 use chrono::{DateTime, Utc};
 use rand::SeedableRng;
@@ -35,7 +37,7 @@ use tokio::task::JoinSet;
 use crate::catalog::JobCatalog;
 use crate::context::{ContextManager, progress};
 use crate::limits::RateLimit;
-use crate::strategy::{PrepareSettings, Prepared, Scope, Strategies};
+use crate::strategy::{ItemSink, PrepareSettings, Prepared, Scope, Strategies};
 use crate::{Error, Ports};
 
 /// How a processor behaves, whatever the job.
@@ -206,11 +208,13 @@ impl BatchProcessor {
         scope: &Scope,
     ) -> Result<RunRecord, Error> {
         let strategy = self.strategies.for_job(job)?;
-        let mut prepared = strategy
-            .prepare(job, scope, &self.ports, &self.settings.prepare)
+        let run = self.new_run(job, origin, scope)?;
+        let id = run.id.clone();
+        let mut sink = RunSink::new(self.ports.runs.begin_run(run).await?, scope);
+        let prepared = strategy
+            .prepare(job, scope, &self.ports, &self.settings.prepare, &mut sink)
             .await?;
-        scope.apply_overrides(&mut prepared.items);
-        self.store_run(job, origin, scope, prepared).await
+        self.commit_run(job, &id, sink, prepared).await
     }
 
     /// Starts a run of the failed items of `run` (trigger `retry`, its parent `run`, whose
@@ -226,7 +230,17 @@ impl BatchProcessor {
                 run.id, run.status
             )));
         }
-        let mut items = Vec::new();
+        let origin = Origin {
+            trigger: Trigger::Retry,
+            scheduled_for: run.scheduled_for,
+            occurrence: None,
+            group: &run.group,
+            parent: Some(run.id.clone()),
+        };
+        let scope = Scope::default();
+        let retry = self.new_run(job, origin, &scope)?;
+        let id = retry.id.clone();
+        let mut sink = RunSink::new(self.ports.runs.begin_run(retry).await?, &scope);
         let mut after = None;
         loop {
             let page = self
@@ -236,48 +250,38 @@ impl BatchProcessor {
                 .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.seq);
-            items.extend(page.into_iter().map(|item| NewItem {
-                key: item.key,
-                user: item.user,
-                status: ItemStatus::Pending,
-                payload: item.payload,
-            }));
+            sink.add(
+                page.into_iter()
+                    .map(|item| NewItem {
+                        key: item.key,
+                        user: item.user,
+                        status: ItemStatus::Pending,
+                        payload: item.payload,
+                    })
+                    .collect(),
+            )
+            .await?;
         }
-        if items.is_empty() {
+        // Dropping the draft abandons the run.
+        if sink.added == 0 {
             return Err(Error::Job(format!("run {} has no failed items", run.id)));
         }
         let prepared = Prepared {
             notes: vec![format!(
                 "retry of the {} failed items of run {}",
-                items.len(),
-                run.id
+                sink.added, run.id
             )],
-            items,
             ..Prepared::default()
         };
-        let origin = Origin {
-            trigger: Trigger::Retry,
-            scheduled_for: run.scheduled_for,
-            occurrence: None,
-            group: &run.group,
-            parent: Some(run.id.clone()),
-        };
-        self.store_run(job, origin, &Scope::default(), prepared)
-            .await
+        self.commit_run(job, &id, sink, prepared).await
     }
 
-    /// Stores a prepared run with its items and its first context.
-    async fn store_run(
-        &self,
-        job: &Job,
-        origin: Origin<'_>,
-        scope: &Scope,
-        prepared: Prepared,
-    ) -> Result<RunRecord, Error> {
+    /// The run to create for `job` from `origin` within `scope`, with a fresh id.
+    fn new_run(&self, job: &Job, origin: Origin<'_>, scope: &Scope) -> Result<NewRun, Error> {
         let id = RunId::parse(uuid::Uuid::now_v7().to_string())
             .map_err(|e| Error::Job(format!("generated run id: {e}")))?;
-        let run = NewRun {
-            id: id.clone(),
+        Ok(NewRun {
+            id,
             job: job.id.clone(),
             tenant: job.tenant.clone(),
             trigger: origin.trigger,
@@ -288,13 +292,29 @@ impl BatchProcessor {
             parent: origin.parent,
             serial: job.overlap != batch_domain::config::Overlap::AllowAll,
             created_at: self.ports.clock.now(),
-        };
-        let draft = ContextManager::draft(&prepared);
-        let items = prepared.items.len();
-        self.ports.runs.create_run(run, prepared.items).await?;
-        let record = self.ports.runs.run(&job.tenant, &id).await?;
-        self.contexts.create(job, &record, draft).await?;
-        tracing::info!(run = %id, job = %job.id, items, "run created");
+        })
+    }
+
+    /// Commits the drafted run `id` with its items and saves its first context.
+    async fn commit_run(
+        &self,
+        job: &Job,
+        id: &RunId,
+        sink: RunSink<'_>,
+        prepared: Prepared,
+    ) -> Result<RunRecord, Error> {
+        let RunSink {
+            draft,
+            samples,
+            pending,
+            added,
+            ..
+        } = sink;
+        draft.commit().await?;
+        let record = self.ports.runs.run(&job.tenant, id).await?;
+        let context = ContextManager::draft(prepared, samples, pending);
+        self.contexts.create(job, &record, context).await?;
+        tracing::info!(run = %id, job = %job.id, items = added, "run created");
         Ok(record)
     }
 
@@ -495,6 +515,7 @@ impl BatchProcessor {
             run: record,
             notes,
             counts: None,
+            cursor: ClaimCursor::default(),
         })
     }
 
@@ -570,11 +591,61 @@ struct Origin<'a> {
 /// heartbeat renews it every third of the lease whatever happens.
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
+/// How often claims start from the beginning of the run again (see [`ClaimCursor`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Claimable runs read per tenant when choosing the next run to claim.
 const CLAIM_WINDOW: usize = 16;
 
 fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// The items of a run being created, on their way to the store's draft: the scope's overrides
+/// are applied as they pass, and the context's samples and pending count are kept, so nothing
+/// holds the whole run.
+struct RunSink<'s> {
+    draft: Box<dyn RunDraft + 's>,
+    scope: &'s Scope,
+    /// Samples of the valid and invalid item keys, for the first context.
+    samples: Items,
+    /// Items to execute.
+    pending: u64,
+    /// Items added.
+    added: u64,
+}
+
+impl<'s> RunSink<'s> {
+    fn new(draft: Box<dyn RunDraft + 's>, scope: &'s Scope) -> Self {
+        RunSink {
+            draft,
+            scope,
+            samples: Items::default(),
+            pending: 0,
+            added: 0,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ItemSink for RunSink<'_> {
+    async fn add(&mut self, mut items: Vec<NewItem>) -> Result<(), Error> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.scope.apply_overrides(&mut items);
+        for item in &items {
+            if item.status == ItemStatus::Invalid {
+                self.samples.invalid.push(item.key.as_str());
+            } else {
+                self.samples.valid.push(item.key.as_str());
+                self.pending += 1;
+            }
+        }
+        self.added += u64::try_from(items.len()).unwrap_or(u64::MAX);
+        self.draft.append(items).await?;
+        Ok(())
+    }
 }
 
 /// One run being executed by one processor.
@@ -592,6 +663,21 @@ pub struct Execution<'p> {
     /// of the run: quadratic over a large run). `None` until first counted; the end of the
     /// run counts afresh.
     counts: Option<batch_domain::run::ItemCounts>,
+    /// Where the last claim ended.
+    cursor: ClaimCursor,
+}
+
+/// Where an execution's claims have got to in its run. Claiming from there reads only the
+/// items taken; claiming from the start steps over every item done before (their old index
+/// entries stay until vacuumed), which made each claim cost in proportion to the run's
+/// progress. Retries that fell due behind the cursor, and items another processor left, are
+/// found by a sweep from the start: when the claims reach the end, and every [`SWEEP_EVERY`].
+#[derive(Debug, Clone, Copy, Default)]
+struct ClaimCursor {
+    /// The position of the last item claimed.
+    after: i64,
+    /// When the claims last started from the beginning.
+    swept_at: Option<DateTime<Utc>>,
 }
 
 /// What became of one item's request.
@@ -950,7 +1036,7 @@ impl Execution<'_> {
     /// that failed with requests in flight left them behind. A cancel requested through the store
     /// (by another replica, say) is passed on to the processor, and nothing is claimed.
     async fn claim(
-        &self,
+        &mut self,
         run_id: &RunId,
         owner: &str,
         chunk_size: usize,
@@ -975,19 +1061,40 @@ impl Execution<'_> {
                 return Ok(None);
             }
         }
-        let chunk = self
-            .ports()
-            .runs
-            .claim_items(
-                run_id,
-                owner,
-                now,
-                now + self.item_lease(),
-                chunk_size,
-                reclaim_own,
-            )
-            .await?;
-        Ok((!chunk.is_empty()).then_some(chunk))
+        let item_lease = now + self.item_lease();
+        let sweep = reclaim_own
+            || self
+                .cursor
+                .swept_at
+                .is_none_or(|at| now - at >= chrono_duration(SWEEP_EVERY));
+        let mut after = if sweep { 0 } else { self.cursor.after };
+        loop {
+            let chunk = self
+                .ports()
+                .runs
+                .claim_items(
+                    run_id,
+                    owner,
+                    now,
+                    item_lease,
+                    chunk_size,
+                    reclaim_own,
+                    after,
+                )
+                .await?;
+            if after == 0 {
+                self.cursor.swept_at = Some(now);
+            }
+            if let Some(last) = chunk.last() {
+                self.cursor.after = last.seq;
+                return Ok(Some(chunk));
+            }
+            if after == 0 {
+                return Ok(None);
+            }
+            // The end of the run: what is left is behind the cursor.
+            after = 0;
+        }
     }
 
     /// Records the outcomes of one executed chunk in one store call, keeps the counts, updates

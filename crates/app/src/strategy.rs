@@ -88,11 +88,9 @@ impl Default for PrepareSettings {
     }
 }
 
-/// A prepared run: its items and what validation found.
+/// What preparing a run found besides its items (which went to the [`ItemSink`]).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Prepared {
-    /// The items: pending ones to execute, invalid ones to report.
-    pub items: Vec<NewItem>,
     /// Validation of the job's users.
     pub validation: Tally,
     /// For category sources: validation of the users the items refer to.
@@ -101,20 +99,43 @@ pub struct Prepared {
     pub notes: Vec<String>,
 }
 
+/// Where a strategy puts the items it prepares, a page at a time: the run's draft in the
+/// store, so that a run of any size is prepared without its items ever being held at once.
+#[async_trait]
+pub trait ItemSink: Send {
+    /// Adds `items` to the run, after those added before.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store refuses them (a duplicate key, say) or fails.
+    async fn add(&mut self, items: Vec<NewItem>) -> Result<(), Error>;
+}
+
+/// Collects the items in memory: for tests, and for strategies that look at all of another
+/// strategy's items before passing them on.
+#[async_trait]
+impl ItemSink for Vec<NewItem> {
+    async fn add(&mut self, items: Vec<NewItem>) -> Result<(), Error> {
+        self.extend(items);
+        Ok(())
+    }
+}
+
 /// Prepares the items of a run for one kind of job.
 #[async_trait]
 pub trait BatchStrategy: Send + Sync {
-    /// The items of a run of `job` within `scope`.
+    /// Puts the items of a run of `job` within `scope` into `items`, a page at a time, and
+    /// says what validation found.
     ///
     /// # Errors
     /// [`Error::Source`] when a source cannot be read; [`Error::Job`] when the job does not
-    /// fit the strategy.
+    /// fit the strategy; [`Error::Store`] when `items` refuses a page.
     async fn prepare(
         &self,
         job: &Job,
         scope: &Scope,
         ports: &Ports,
         settings: &PrepareSettings,
+        items: &mut dyn ItemSink,
     ) -> Result<Prepared, Error>;
 }
 
@@ -169,8 +190,9 @@ impl BatchStrategy for Builtin {
         scope: &Scope,
         ports: &Ports,
         settings: &PrepareSettings,
+        items: &mut dyn ItemSink,
     ) -> Result<Prepared, Error> {
-        prepare_base(self.0, job, scope, ports, settings).await
+        prepare_base(self.0, job, scope, ports, settings, items).await
     }
 }
 
@@ -180,54 +202,74 @@ async fn prepare_base(
     scope: &Scope,
     ports: &Ports,
     settings: &PrepareSettings,
+    items: &mut dyn ItemSink,
 ) -> Result<Prepared, Error> {
     match &job.source {
         Source::Users(selection) => {
-            let (valid, invalid) =
-                source_users(&job.tenant, selection, scope, ports, settings).await?;
-            let mut prepared = Prepared {
-                validation: Tally {
-                    total: count(valid.len() + invalid.len()),
-                    valid: count(valid.len()),
-                    invalid: count(invalid.len()),
-                },
-                ..Prepared::default()
-            };
-            prepared.items.extend(invalid.iter().map(|user| NewItem {
-                key: user.to_string(),
-                user: Some(user.clone()),
-                status: ItemStatus::Invalid,
-                payload: json!({ "user_id": user.as_str(), "reason": "not an active user of the tenant" }),
-            }));
-            match execution {
-                Execution::Individual => prepared.items.extend(valid.iter().map(|user| NewItem {
-                    key: user.to_string(),
-                    user: Some(user.clone()),
-                    status: ItemStatus::Pending,
-                    payload: json!({ "user_id": user.as_str() }),
-                })),
-                Execution::Object | Execution::Combined => {
-                    if !valid.is_empty() {
-                        prepared.items.push(NewItem {
-                            key: "users".to_owned(),
-                            user: None,
-                            status: ItemStatus::Pending,
-                            payload: json!({ "users": valid.iter().map(UserId::as_str).collect::<Vec<_>>() }),
-                        });
-                    }
-                }
-            }
-            Ok(prepared)
-        }
-        Source::Category(selection) => {
-            let items = category_items(&job.tenant, selection, ports, settings).await?;
-            categories_prepared(
-                execution,
-                job,
-                vec![(selection.name.clone(), items)],
+            let mut pages = UserPages {
+                tenant: &job.tenant,
+                selection,
                 scope,
                 ports,
                 settings,
+                taken: 0,
+                after: None,
+                done: false,
+            };
+            let mut validation = Tally::default();
+            // Object and Combined send the whole user set in one item.
+            let mut set = Vec::new();
+            while let Some((valid, invalid)) = pages.next().await? {
+                validation.total += count(valid.len() + invalid.len());
+                validation.valid += count(valid.len());
+                validation.invalid += count(invalid.len());
+                let mut page: Vec<NewItem> = invalid
+                    .into_iter()
+                    .map(|user| NewItem {
+                        key: user.to_string(),
+                        payload: json!({ "user_id": user.as_str(), "reason": "not an active user of the tenant" }),
+                        user: Some(user),
+                        status: ItemStatus::Invalid,
+                    })
+                    .collect();
+                match execution {
+                    Execution::Individual => page.extend(valid.into_iter().map(|user| NewItem {
+                        key: user.to_string(),
+                        payload: json!({ "user_id": user.as_str() }),
+                        user: Some(user),
+                        status: ItemStatus::Pending,
+                    })),
+                    Execution::Object | Execution::Combined => set.extend(valid),
+                }
+                if !page.is_empty() {
+                    items.add(page).await?;
+                }
+            }
+            if !set.is_empty() {
+                items
+                    .add(vec![NewItem {
+                        key: "users".to_owned(),
+                        user: None,
+                        status: ItemStatus::Pending,
+                        payload: json!({ "users": set.iter().map(UserId::as_str).collect::<Vec<_>>() }),
+                    }])
+                    .await?;
+            }
+            Ok(Prepared {
+                validation,
+                ..Prepared::default()
+            })
+        }
+        Source::Category(selection) => {
+            let category = category_items(&job.tenant, selection, ports, settings).await?;
+            categories_prepared(
+                execution,
+                job,
+                vec![(selection.name.clone(), category)],
+                scope,
+                ports,
+                settings,
+                items,
             )
             .await
         }
@@ -239,7 +281,7 @@ async fn prepare_base(
                     category_items(&job.tenant, selection, ports, settings).await?,
                 ));
             }
-            categories_prepared(execution, job, all, scope, ports, settings).await
+            categories_prepared(execution, job, all, scope, ports, settings, items).await
         }
     }
 }
@@ -248,48 +290,71 @@ fn count(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
 
-/// The job's users split into valid and invalid, restricted to `scope`.
-async fn source_users(
-    tenant: &TenantId,
-    selection: &UserSelection,
-    scope: &Scope,
-    ports: &Ports,
-    settings: &PrepareSettings,
-) -> Result<(Vec<UserId>, Vec<UserId>), Error> {
-    let in_scope = |user: &UserId| scope.includes(user);
-    match selection {
-        UserSelection::Ids(ids) => {
-            let ids: Vec<UserId> = ids.iter().filter(|u| in_scope(u)).cloned().collect();
-            let mut valid = Vec::with_capacity(ids.len());
-            let mut invalid = Vec::new();
-            for chunk in ids.chunks(settings.validation_chunk.max(1)) {
-                let result = ports.users.validate_users(tenant, chunk).await?;
-                valid.extend(result.valid);
-                invalid.extend(result.invalid);
-            }
-            Ok((valid, invalid))
+/// The job's users a page at a time, split into valid and invalid and restricted to a scope:
+/// listed ids are validated in chunks, a filter is read in pages.
+struct UserPages<'a> {
+    tenant: &'a TenantId,
+    selection: &'a UserSelection,
+    scope: &'a Scope,
+    ports: &'a Ports,
+    settings: &'a PrepareSettings,
+    /// Listed ids: how many were looked at. Filter: how many users in scope were taken.
+    taken: usize,
+    /// Filter: the last user read.
+    after: Option<UserId>,
+    done: bool,
+}
+
+impl UserPages<'_> {
+    /// The next page as (valid, invalid) users; `None` after the last.
+    async fn next(&mut self) -> Result<Option<(Vec<UserId>, Vec<UserId>)>, Error> {
+        if self.done {
+            return Ok(None);
         }
-        UserSelection::Filter { filters, limit } => {
-            let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-            let mut users = Vec::new();
-            let mut after: Option<UserId> = None;
-            while users.len() < limit {
-                let page_size = settings.page_size.max(1).min(limit - users.len());
-                let page = ports
+        match self.selection {
+            UserSelection::Ids(ids) => {
+                let chunk = self.settings.validation_chunk.max(1);
+                let mut page = Vec::with_capacity(chunk.min(ids.len()));
+                while page.len() < chunk
+                    && let Some(id) = ids.get(self.taken)
+                {
+                    self.taken += 1;
+                    if self.scope.includes(id) {
+                        page.push(id.clone());
+                    }
+                }
+                if page.is_empty() {
+                    self.done = true;
+                    return Ok(None);
+                }
+                let result = self.ports.users.validate_users(self.tenant, &page).await?;
+                Ok(Some((result.valid, result.invalid)))
+            }
+            UserSelection::Filter { filters, limit } => {
+                let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+                if self.taken >= limit {
+                    self.done = true;
+                    return Ok(None);
+                }
+                let page_size = self.settings.page_size.max(1).min(limit - self.taken);
+                let page = self
+                    .ports
                     .users
-                    .find_users(tenant, filters, after.as_ref(), page_size)
+                    .find_users(self.tenant, filters, self.after.as_ref(), page_size)
                     .await?;
                 let Some(last) = page.last().cloned() else {
-                    break;
+                    self.done = true;
+                    return Ok(None);
                 };
-                let full = page.len() == page_size;
-                users.extend(page.into_iter().filter(|u| in_scope(u)));
-                if !full {
-                    break;
-                }
-                after = Some(last);
+                self.done = page.len() < page_size;
+                self.after = Some(last);
+                let users: Vec<UserId> = page
+                    .into_iter()
+                    .filter(|u| self.scope.includes(u))
+                    .collect();
+                self.taken += users.len();
+                Ok(Some((users, Vec::new())))
             }
-            Ok((users, Vec::new()))
         }
     }
 }
@@ -332,6 +397,7 @@ async fn categories_prepared(
     scope: &Scope,
     ports: &Ports,
     settings: &PrepareSettings,
+    items: &mut dyn ItemSink,
 ) -> Result<Prepared, Error> {
     // Validate every distinct reference once, in chunks.
     let mut refs: Vec<String> = categories
@@ -369,7 +435,7 @@ async fn categories_prepared(
         json!({ "key": item.key, "attributes": item.attributes, "users": users })
     };
     let total_items: usize = categories.iter().map(|(_, items)| items.len()).sum();
-    let mut prepared = Prepared {
+    let prepared = Prepared {
         validation: Tally {
             total: count(total_items),
             valid: count(total_items),
@@ -378,6 +444,9 @@ async fn categories_prepared(
         user_references: Some(user_references),
         ..Prepared::default()
     };
+    // The categories are in memory already (their references are validated together), so
+    // their items are built at once and handed on in pages.
+    let mut out = Vec::new();
     match execution {
         Execution::Individual => {
             let several = categories.len() > 1;
@@ -385,7 +454,7 @@ async fn categories_prepared(
                 for item in items {
                     let mut payload = entry(item);
                     payload["category"] = json!(name);
-                    prepared.items.push(NewItem {
+                    out.push(NewItem {
                         key: if several {
                             format!("{name}/{}", item.key)
                         } else {
@@ -400,7 +469,7 @@ async fn categories_prepared(
         }
         Execution::Object => {
             for (name, items) in &categories {
-                prepared.items.push(NewItem {
+                out.push(NewItem {
                     key: name.clone(),
                     user: None,
                     status: ItemStatus::Pending,
@@ -413,13 +482,22 @@ async fn categories_prepared(
                 .iter()
                 .map(|(name, items)| (name.as_str(), items.iter().map(entry).collect()))
                 .collect();
-            prepared.items.push(NewItem {
+            out.push(NewItem {
                 key: "combined".to_owned(),
                 user: None,
                 status: ItemStatus::Pending,
                 payload: json!({ "categories": by_category }),
             });
         }
+    }
+    let page_size = settings.page_size.max(1);
+    let mut out = out.into_iter();
+    loop {
+        let page: Vec<NewItem> = out.by_ref().take(page_size).collect();
+        if page.is_empty() {
+            break;
+        }
+        items.add(page).await?;
     }
     Ok(prepared)
 }
@@ -507,31 +585,68 @@ impl BatchStrategy for PreferenceStrategy {
         scope: &Scope,
         ports: &Ports,
         settings: &PrepareSettings,
+        items: &mut dyn ItemSink,
     ) -> Result<Prepared, Error> {
         let execution = job.strategy().execution;
-        let mut prepared = prepare_base(execution, job, scope, ports, settings).await?;
         let (preferences, notes) = load_preferences(job, ports, settings).await?;
-        prepared.notes.extend(notes);
         let defaults = job
             .dynamic
             .as_ref()
             .map(|d| d.defaults.clone())
             .unwrap_or_default();
-        let mut disabled = 0usize;
-        let mut items = Vec::with_capacity(prepared.items.len());
-        for mut item in prepared.items {
+        let mut with_preferences = WithPreferences {
+            items,
+            preferences: preferences.as_ref(),
+            defaults: &defaults,
+            disabled: 0,
+        };
+        let mut prepared = prepare_base(
+            execution,
+            job,
+            scope,
+            ports,
+            settings,
+            &mut with_preferences,
+        )
+        .await?;
+        prepared.notes.extend(notes);
+        if with_preferences.disabled > 0 {
+            prepared.notes.push(format!(
+                "{} users skipped: their preference is disabled",
+                with_preferences.disabled
+            ));
+        }
+        Ok(prepared)
+    }
+}
+
+/// Applies each user's preference to the items passing through: a disabled user's item drops
+/// out, template overrides and parameters travel with each request.
+struct WithPreferences<'a> {
+    items: &'a mut dyn ItemSink,
+    preferences: Option<&'a HashMap<UserId, Preference>>,
+    defaults: &'a PreferenceDefaults,
+    /// Items dropped because their user's preference is disabled.
+    disabled: usize,
+}
+
+#[async_trait]
+impl ItemSink for WithPreferences<'_> {
+    async fn add(&mut self, page: Vec<NewItem>) -> Result<(), Error> {
+        let mut kept = Vec::with_capacity(page.len());
+        for mut item in page {
             if item.status != ItemStatus::Pending {
-                items.push(item);
+                kept.push(item);
                 continue;
             }
             if let Some(user) = &item.user {
-                match overrides(user, preferences.as_ref(), &defaults) {
+                match overrides(user, self.preferences, self.defaults) {
                     Some(o) => {
                         item.payload["template"] = o["template"].clone();
                         item.payload["parameters"] = o["parameters"].clone();
-                        items.push(item);
+                        kept.push(item);
                     }
-                    None => disabled += 1,
+                    None => self.disabled += 1,
                 }
                 continue;
             }
@@ -541,7 +656,7 @@ impl BatchStrategy for PreferenceStrategy {
                 let Ok(id) = UserId::parse(user) else {
                     return false;
                 };
-                match overrides(&id, preferences.as_ref(), &defaults) {
+                match overrides(&id, self.preferences, self.defaults) {
                     Some(o) => {
                         per_user.insert(user.to_owned(), o);
                         true
@@ -550,15 +665,12 @@ impl BatchStrategy for PreferenceStrategy {
                 }
             });
             item.payload["preferences"] = Value::Object(per_user);
-            items.push(item);
+            kept.push(item);
         }
-        if disabled > 0 {
-            prepared.notes.push(format!(
-                "{disabled} users skipped: their preference is disabled"
-            ));
+        if kept.is_empty() {
+            return Ok(());
         }
-        prepared.items = items;
-        Ok(prepared)
+        self.items.add(kept).await
     }
 }
 

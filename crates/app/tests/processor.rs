@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use batch_app::Ports;
 use batch_app::processor::{BatchProcessor, ProcessorSettings, Step};
-use batch_app::strategy::{Scope, Strategies};
+use batch_app::strategy::{ItemSink, PrepareSettings, Scope, Strategies};
 use batch_domain::config::{Job, parse_job};
 use batch_domain::preference::{Frequency, Preference};
 use batch_domain::run::{ItemStatus, RunStatus, Trigger};
 use batch_domain::{FeatureType, TemplateId, TenantId, UserId};
 use batch_ports::contexts::ContextStore;
-use batch_ports::runs::{ItemRecord, RunStore};
+use batch_ports::runs::{ItemRecord, NewItem, RunStore};
 use batch_ports::{CategoryItem, Clock};
 use batch_testkit::ManualClock;
 use batch_testkit::fakes::{
@@ -296,6 +296,65 @@ fn dynamic(kind: &str, source: Value) -> Job {
     }))
 }
 
+/// Records the pages a strategy hands on.
+#[derive(Default)]
+struct Pages(Vec<Vec<String>>);
+
+#[async_trait::async_trait]
+impl ItemSink for Pages {
+    async fn add(&mut self, items: Vec<NewItem>) -> Result<(), batch_app::Error> {
+        self.0.push(items.into_iter().map(|i| i.key).collect());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn preparation_hands_the_items_on_a_page_at_a_time() {
+    let world = World::new(Behaviour::default());
+    world.with_users(10);
+    world.preferences.upsert(preference("u0003", None, false));
+    let settings = PrepareSettings {
+        validation_chunk: 4,
+        page_size: 4,
+    };
+    let ids: Vec<String> = (0..10)
+        .map(|i| format!("u{i:04}"))
+        .chain(["ghost".to_owned()])
+        .collect();
+    let cases = [
+        (
+            "filter",
+            job(json!({"source": {"users": {"filter": {}}}})),
+            10,
+        ),
+        ("ids", job(json!({"source": {"users": {"ids": ids}}})), 11),
+        (
+            "preferences",
+            dynamic(
+                "PREFERENCE_INDIVIDUAL_USERS",
+                json!({"users": {"filter": {}}}),
+            ),
+            9,
+        ),
+    ];
+    for (name, job, total) in cases {
+        let mut pages = Pages::default();
+        Strategies::default()
+            .for_job(&job)
+            .unwrap()
+            .prepare(&job, &Scope::default(), &world.ports, &settings, &mut pages)
+            .await
+            .unwrap();
+        let sizes: Vec<usize> = pages.0.iter().map(Vec::len).collect();
+        assert!(
+            sizes.len() >= 3 && sizes.iter().all(|&n| n <= 4),
+            "{name}: pages of at most a page size, not the whole run at once: {sizes:?}"
+        );
+        let keys: HashSet<String> = pages.0.into_iter().flatten().collect();
+        assert_eq!(keys.len(), total, "{name}: every item once");
+    }
+}
+
 #[tokio::test]
 async fn preferences_apply_per_user_overrides_and_skip_disabled_users() {
     let world = World::new(Behaviour::default());
@@ -487,7 +546,15 @@ async fn items_an_interrupted_step_left_leased_are_taken_again_at_once() {
     let start = world.clock_now();
     world
         .runs
-        .claim_items(&run.id, "p1", start, start + Duration::hours(1), 5, false)
+        .claim_items(
+            &run.id,
+            "p1",
+            start,
+            start + Duration::hours(1),
+            5,
+            false,
+            0,
+        )
         .await
         .unwrap();
     // Without taking them again the run never ends: the heartbeat renews their lease forever.
@@ -533,6 +600,7 @@ async fn a_resumed_run_never_executes_a_succeeded_item_again() {
                 world.clock_now() + Duration::minutes(5),
                 5,
                 false,
+                0,
             )
             .await
             .unwrap();

@@ -198,6 +198,25 @@ pub enum Occurrence {
     Existed(i64),
 }
 
+/// A run being created: its items are added page by page, in order, and the run appears with
+/// all of them when [`RunDraft::commit`] succeeds. Dropping a draft abandons the run.
+#[async_trait]
+pub trait RunDraft: Send {
+    /// Adds `items` after those added before (their positions follow on).
+    ///
+    /// # Errors
+    /// [`StoreError::Unexpected`] for an item key the run has already (the draft is then
+    /// spoiled: drop it); [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn append(&mut self, items: Vec<NewItem>) -> Result<(), StoreError>;
+
+    /// Makes the run and every item appended visible, atomically.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when the occurrence got a run meanwhile;
+    /// [`StoreError::Unexpected`] for a duplicate run id or item key; nothing is written.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
 /// The store of runs, items and occurrences. Implementations write item state per chunk in
 /// set-based statements, never one round trip per item.
 #[async_trait]
@@ -236,13 +255,28 @@ pub trait RunStore: Send + Sync {
         until: DateTime<Utc>,
     ) -> Result<Vec<DateTime<Utc>>, StoreError>;
 
-    /// Creates a run in status `queued` with its items, in set-based statements inside one
-    /// transaction.
+    /// Starts creating `run` (status `queued`): its items are added page by page through the
+    /// returned draft, and the run exists for everyone else only once the draft is committed,
+    /// all of it at once. A draft dropped without commit leaves nothing behind. Where the
+    /// backend allows, the draft writes each page as it comes, in one transaction, so a run of
+    /// any size is created in bounded memory; the embedded single-connection backend keeps the
+    /// pages until commit.
     ///
     /// # Errors
-    /// [`StoreError::AlreadyExists`] when the occurrence has a run already;
-    /// [`StoreError::Unexpected`] for a duplicate run id or item key; nothing is written.
-    async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError>;
+    /// [`StoreError::AlreadyExists`] when the occurrence has a run already (here or at
+    /// commit); [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn begin_run(&self, run: NewRun) -> Result<Box<dyn RunDraft + '_>, StoreError>;
+
+    /// Creates a run in status `queued` with its items at once: [`RunStore::begin_run`], one
+    /// page, commit.
+    ///
+    /// # Errors
+    /// As [`RunStore::begin_run`] and [`RunDraft::append`].
+    async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
+        let mut draft = self.begin_run(run).await?;
+        draft.append(items).await?;
+        draft.commit().await
+    }
 
     /// Claims up to `limit` runs that are not ended and have no live lease at `now` (queued
     /// runs, and running runs whose owner stopped renewing), oldest first, for `owner` until
@@ -348,8 +382,12 @@ pub trait RunStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError>;
 
-    /// Claims up to `limit` pending items of `run` that are due at `now` and not leased to
-    /// anyone else (or whose lease expired), in item order, for `owner` until `lease_until`.
+    /// Claims up to `limit` pending items of `run` after position `after_seq` (0 for the
+    /// start) that are due at `now` and not leased to anyone else (or whose lease expired), in
+    /// item order, for `owner` until `lease_until`. A caller working through a large run passes
+    /// where its last claim ended, so each claim reads only the items it takes instead of
+    /// stepping over every item done before them; it starts from 0 now and then to pick up
+    /// retries that fell due behind it.
     /// With `reclaim_own`, items leased to `owner` itself are taken again too: the caller knows
     /// none of them is executing (items an interrupted step of its own left behind, whose
     /// leases its heartbeat would otherwise keep alive). Concurrent claimers, on any replica,
@@ -357,6 +395,8 @@ pub trait RunStore: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached.
+    // The claim's terms are all plain values; a struct for them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn claim_items(
         &self,
         run: &RunId,
@@ -365,6 +405,7 @@ pub trait RunStore: Send + Sync {
         lease_until: DateTime<Utc>,
         limit: usize,
         reclaim_own: bool,
+        after_seq: i64,
     ) -> Result<Vec<ItemRecord>, StoreError>;
 
     /// Records the outcomes of one chunk and releases the items' leases, in one transaction

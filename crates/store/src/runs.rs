@@ -5,11 +5,11 @@ use batch_domain::priority::Aging;
 use batch_domain::run::{ItemCounts, ItemStatus, RunId, RunStatus};
 use batch_domain::{JobId, TenantId};
 use batch_ports::runs::{
-    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunCursor, RunFilter, RunRecord,
-    RunStore, StoreError, TenantLoad,
+    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunCursor, RunDraft, RunFilter,
+    RunRecord, RunStore, StoreError, TenantLoad,
 };
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, TransactionTrait, Value};
 
 use crate::Store;
 use crate::convert::{
@@ -38,6 +38,134 @@ impl Store {
             sea_orm::DatabaseBackend::Sqlite => (SQLITE_PARAMETERS / width).clamp(1, most),
             _ => most,
         }
+    }
+}
+
+impl Store {
+    /// Inserts the row of `run` (status `queued`) and links its occurrence.
+    async fn insert_run(
+        &self,
+        conn: &impl ConnectionTrait,
+        run: &NewRun,
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
+                scheduled_for_ms, parent_id, created_ms, serial, group_key) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+        conn.execute_raw(self.statement(
+            sql,
+            vec![
+                text(run.id.as_str()),
+                text(run.job.as_str()),
+                text(run.tenant.as_str()),
+                text(RunStatus::Queued.as_str()),
+                text(run.trigger.as_str()),
+                Value::SmallInt(Some(i16::from(run.priority.value()))),
+                optional_big(run.scheduled_for.map(millis)),
+                optional_text(run.parent.as_ref().map(RunId::as_str)),
+                big(millis(run.created_at)),
+                Value::Bool(Some(run.serial)),
+                text(&run.group),
+            ],
+        ))
+        .await
+        .map_err(db_error)?;
+        if let Some(occurrence) = run.occurrence {
+            // The unique index makes a second run for one occurrence fail here.
+            conn.execute_raw(self.statement(
+                "UPDATE runs SET occurrence_id = $2 WHERE id = $1",
+                vec![text(run.id.as_str()), big(occurrence)],
+            ))
+            .await
+            .map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts `items` of `run` at positions `after + 1`, `after + 2`, …, in multi-row
+    /// statements.
+    async fn insert_items(
+        &self,
+        conn: &impl ConnectionTrait,
+        run: &NewRun,
+        after: i64,
+        items: &[NewItem],
+    ) -> Result<(), StoreError> {
+        let now = millis(run.created_at);
+        let mut seq = after;
+        for chunk in items.chunks(self.rows_per_statement(8, INSERT_ROWS)) {
+            let sql = format!(
+                "INSERT INTO run_items (run_id, seq, item_key, user_id, tenant, status, payload, updated_ms) VALUES {}",
+                placeholders(chunk.len(), 8, 1)
+            );
+            let mut values = Vec::with_capacity(chunk.len() * 8);
+            for item in chunk {
+                seq += 1;
+                values.extend([
+                    text(run.id.as_str()),
+                    big(seq),
+                    text(item.key.clone()),
+                    optional_text(item.user.as_ref().map(|u| u.as_str().to_owned())),
+                    text(run.tenant.as_str()),
+                    text(item.status.as_str()),
+                    json(Some(item.payload.clone())),
+                    big(now),
+                ]);
+            }
+            conn.execute_raw(self.statement(&sql, values))
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// A run drafted inside an open transaction: each page is inserted as it comes, so memory
+/// stays bounded by a page whatever the run's size (PostgreSQL).
+struct StreamedDraft<'s> {
+    store: &'s Store,
+    txn: DatabaseTransaction,
+    run: NewRun,
+    /// Items inserted so far: the position of the last one.
+    written: i64,
+}
+
+#[async_trait]
+impl RunDraft for StreamedDraft<'_> {
+    async fn append(&mut self, items: Vec<NewItem>) -> Result<(), StoreError> {
+        self.store
+            .insert_items(&self.txn, &self.run, self.written, &items)
+            .await?;
+        self.written += i64::try_from(items.len()).unwrap_or(i64::MAX);
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.txn.commit().await.map_err(db_error)
+    }
+}
+
+/// A run drafted in memory and written in one transaction at commit (SQLite, whose single
+/// connection the strategy needs for reading its sources meanwhile).
+struct BufferedDraft<'s> {
+    store: &'s Store,
+    run: NewRun,
+    items: Vec<NewItem>,
+}
+
+#[async_trait]
+impl RunDraft for BufferedDraft<'_> {
+    async fn append(&mut self, items: Vec<NewItem>) -> Result<(), StoreError> {
+        self.items.extend(items);
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let txn = self.store.db.begin().await.map_err(db_error)?;
+        self.store.insert_run(&txn, &self.run).await?;
+        self.store
+            .insert_items(&txn, &self.run, 0, &self.items)
+            .await?;
+        txn.commit().await.map_err(db_error)
     }
 }
 
@@ -175,64 +303,26 @@ impl RunStore for Store {
             .collect()
     }
 
-    async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
-        let txn = self.db.begin().await.map_err(db_error)?;
-        let sql = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
-                scheduled_for_ms, parent_id, created_ms, serial, group_key) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
-        txn.execute_raw(self.statement(
-            sql,
-            vec![
-                text(run.id.as_str()),
-                text(run.job.as_str()),
-                text(run.tenant.as_str()),
-                text(RunStatus::Queued.as_str()),
-                text(run.trigger.as_str()),
-                Value::SmallInt(Some(i16::from(run.priority.value()))),
-                optional_big(run.scheduled_for.map(millis)),
-                optional_text(run.parent.as_ref().map(RunId::as_str)),
-                big(millis(run.created_at)),
-                Value::Bool(Some(run.serial)),
-                text(&run.group),
-            ],
-        ))
-        .await
-        .map_err(db_error)?;
-        if let Some(occurrence) = run.occurrence {
-            // The unique index makes a second run for one occurrence fail here.
-            txn.execute_raw(self.statement(
-                "UPDATE runs SET occurrence_id = $2 WHERE id = $1",
-                vec![text(run.id.as_str()), big(occurrence)],
-            ))
-            .await
-            .map_err(db_error)?;
-        }
-        let now = millis(run.created_at);
-        let mut seq: i64 = 0;
-        for chunk in items.chunks(self.rows_per_statement(8, INSERT_ROWS)) {
-            let sql = format!(
-                "INSERT INTO run_items (run_id, seq, item_key, user_id, tenant, status, payload, updated_ms) VALUES {}",
-                placeholders(chunk.len(), 8, 1)
-            );
-            let mut values = Vec::with_capacity(chunk.len() * 8);
-            for item in chunk {
-                seq += 1;
-                values.extend([
-                    text(run.id.as_str()),
-                    big(seq),
-                    text(item.key.clone()),
-                    optional_text(item.user.as_ref().map(|u| u.as_str().to_owned())),
-                    text(run.tenant.as_str()),
-                    text(item.status.as_str()),
-                    json(Some(item.payload.clone())),
-                    big(now),
-                ]);
+    async fn begin_run(&self, run: NewRun) -> Result<Box<dyn RunDraft + '_>, StoreError> {
+        match self.backend() {
+            // One connection serves the whole embedded store: a transaction held open while
+            // the strategy reads its sources through that same store would wait for itself.
+            DbBackend::Sqlite => Ok(Box::new(BufferedDraft {
+                store: self,
+                run,
+                items: Vec::new(),
+            })),
+            _ => {
+                let txn = self.db.begin().await.map_err(db_error)?;
+                self.insert_run(&txn, &run).await?;
+                Ok(Box::new(StreamedDraft {
+                    store: self,
+                    txn,
+                    run,
+                    written: 0,
+                }))
             }
-            txn.execute_raw(self.statement(&sql, values))
-                .await
-                .map_err(db_error)?;
         }
-        txn.commit().await.map_err(db_error)
     }
 
     async fn claim_runs(
@@ -510,6 +600,8 @@ impl RunStore for Store {
         rows.iter().map(item_record).collect()
     }
 
+    // The claim's terms are all plain values; a struct for them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn claim_items(
         &self,
         run: &RunId,
@@ -518,10 +610,11 @@ impl RunStore for Store {
         lease_until: DateTime<Utc>,
         limit: usize,
         reclaim_own: bool,
+        after_seq: i64,
     ) -> Result<Vec<ItemRecord>, StoreError> {
         let sql = format!(
             "WITH picked AS MATERIALIZED (SELECT seq AS pick_seq FROM run_items \
-                 WHERE run_id = $1 AND status = 'pending' \
+                 WHERE run_id = $1 AND status = 'pending' AND seq > $7 \
                    AND (next_attempt_ms IS NULL OR next_attempt_ms <= $4) \
                    AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4 \
                         OR ($6 AND lease_owner = $2)) \
@@ -542,6 +635,7 @@ impl RunStore for Store {
                     big(millis(now)),
                     big(i64::try_from(limit).unwrap_or(i64::MAX)),
                     Value::Bool(Some(reclaim_own)),
+                    big(after_seq),
                 ],
             ))
             .await

@@ -300,7 +300,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
     let id = RunId::parse("r1").unwrap();
     let lease = Duration::seconds(30);
     let mine = store
-        .claim_items(&id, "a", t0(), t0() + lease, 2, false)
+        .claim_items(&id, "a", t0(), t0() + lease, 2, false, 0)
         .await
         .unwrap();
     assert_eq!(
@@ -316,6 +316,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
             t0() + lease,
             2,
             false,
+            0,
         )
         .await
         .unwrap();
@@ -332,6 +333,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
             t0() + lease,
             10,
             true,
+            0,
         )
         .await
         .unwrap();
@@ -341,7 +343,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
     );
     // After it expires, b takes a's items over; a's late outcomes are refused whole.
     let taken = store
-        .claim_items(&id, "b", t0() + lease, t0() + lease * 2, 10, false)
+        .claim_items(&id, "b", t0() + lease, t0() + lease * 2, 10, false, 0)
         .await
         .unwrap();
     assert_eq!(taken.len(), 5, "every lease has expired, b's own included");
@@ -379,6 +381,7 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
             t0() + Duration::days(2),
             10,
             false,
+            0,
         )
         .await
         .unwrap();
@@ -405,7 +408,15 @@ async fn concurrent_item_claimers_never_get_the_same_item(backend: Backend) {
             let mut mine = Vec::new();
             loop {
                 let chunk = store
-                    .claim_items(&id, owner, t0(), t0() + Duration::seconds(60), 100, false)
+                    .claim_items(
+                        &id,
+                        owner,
+                        t0(),
+                        t0() + Duration::seconds(60),
+                        100,
+                        false,
+                        0,
+                    )
                     .await
                     .unwrap();
                 if chunk.is_empty() {
@@ -492,7 +503,15 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
         .await
         .unwrap();
     let due = store
-        .claim_items(&id, "a", t0(), t0() + Duration::seconds(60), 2_000, false)
+        .claim_items(
+            &id,
+            "a",
+            t0(),
+            t0() + Duration::seconds(60),
+            2_000,
+            false,
+            0,
+        )
         .await
         .unwrap();
     assert_eq!(due.len(), 1_000, "invalid items are never due");
@@ -1382,7 +1401,7 @@ async fn a_heartbeat_keeps_the_chunk_items_leased(backend: Backend) {
         .unwrap()
         .unwrap();
     let chunk = store
-        .claim_items(&run, "a", t0(), t0() + Duration::seconds(40), 2, false)
+        .claim_items(&run, "a", t0(), t0() + Duration::seconds(40), 2, false, 0)
         .await
         .unwrap();
     assert_eq!(chunk.len(), 2);
@@ -1401,6 +1420,7 @@ async fn a_heartbeat_keeps_the_chunk_items_leased(backend: Backend) {
                 now + Duration::seconds(60),
                 3,
                 false,
+                0,
             )
             .await
             .unwrap();
@@ -1628,6 +1648,123 @@ async fn job_definitions_sync_from_the_file_and_change_through_the_api(backend: 
     assert!(store.catalog_version().await.unwrap() > v2);
 }
 
+async fn a_run_drafted_in_pages_appears_whole_at_commit(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let acme = tenant("acme");
+    let id = RunId::parse("r1").unwrap();
+    let mut pages = items(5);
+    let second = pages.split_off(3);
+    let mut draft = store.begin_run(new_run("r1", "acme", t0())).await.unwrap();
+    draft.append(pages).await.unwrap();
+    draft.append(second).await.unwrap();
+    assert!(
+        matches!(store.run(&acme, &id).await, Err(StoreError::NotFound(_))),
+        "a drafted run is invisible before commit"
+    );
+    draft.commit().await.unwrap();
+    let listed = store.list_items(&acme, &id, None, None, 10).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|i| (i.seq, i.key.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (1, "item-000000"),
+            (2, "item-000001"),
+            (3, "item-000002"),
+            (4, "item-000003"),
+            (5, "item-000004"),
+        ],
+        "positions follow on from page to page"
+    );
+    assert_eq!(
+        store.run(&acme, &id).await.unwrap().status,
+        RunStatus::Queued
+    );
+
+    // A draft dropped without commit leaves nothing, and its id can be used again.
+    let dropped = RunId::parse("r2").unwrap();
+    let mut draft = store.begin_run(new_run("r2", "acme", t0())).await.unwrap();
+    draft.append(items(2)).await.unwrap();
+    drop(draft);
+    assert!(matches!(
+        store.run(&acme, &dropped).await,
+        Err(StoreError::NotFound(_))
+    ));
+    store
+        .create_run(new_run("r2", "acme", t0()), items(1))
+        .await
+        .unwrap();
+    assert_eq!(store.counts(&dropped).await.unwrap().pending, 1);
+
+    // A key twice across pages spoils the draft: nothing is written.
+    let spoiled = RunId::parse("r3").unwrap();
+    let mut draft = store.begin_run(new_run("r3", "acme", t0())).await.unwrap();
+    draft.append(items(2)).await.unwrap();
+    let failed = match draft.append(items(1)).await {
+        Err(e) => Err(e),
+        Ok(()) => draft.commit().await,
+    };
+    assert!(failed.is_err(), "a duplicate key is refused");
+    assert!(matches!(
+        store.run(&acme, &spoiled).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // A second run for one occurrence is refused, at begin or at commit.
+    let occurrence = match store
+        .create_occurrence(&JobId::parse("job-a").unwrap(), &acme, t0(), "")
+        .await
+        .unwrap()
+    {
+        Occurrence::Created(id) | Occurrence::Existed(id) => id,
+    };
+    let for_occurrence = |id: &str| NewRun {
+        occurrence: Some(occurrence),
+        ..new_run(id, "acme", t0())
+    };
+    store
+        .create_run(for_occurrence("r4"), items(1))
+        .await
+        .unwrap();
+    let second = match store.begin_run(for_occurrence("r5")).await {
+        Err(e) => Err(e),
+        Ok(mut draft) => match draft.append(items(1)).await {
+            Err(e) => Err(e),
+            Ok(()) => draft.commit().await,
+        },
+    };
+    assert!(
+        matches!(second, Err(StoreError::AlreadyExists(_))),
+        "{second:?}"
+    );
+}
+
+async fn claims_start_after_a_position(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    seed_run(&store, 10).await;
+    let id = RunId::parse("r1").unwrap();
+    let lease = t0() + Duration::minutes(5);
+    let seqs = |items: Vec<batch_ports::runs::ItemRecord>| {
+        items.into_iter().map(|i| i.seq).collect::<Vec<_>>()
+    };
+    // Item 10 is invalid: only pending items are claimed.
+    let later = store
+        .claim_items(&id, "a", t0(), lease, 10, false, 5)
+        .await
+        .unwrap();
+    assert_eq!(seqs(later), [6, 7, 8, 9]);
+    let earlier = store
+        .claim_items(&id, "a", t0(), lease, 10, false, 0)
+        .await
+        .unwrap();
+    assert_eq!(seqs(earlier), [1, 2, 3, 4, 5]);
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -1675,6 +1812,8 @@ contract_suite!(
     pauses_are_shared_and_schedule_states_are_read_one_by_one,
     runs_are_listed_newest_first_filtered_and_paged,
     job_definitions_sync_from_the_file_and_change_through_the_api,
+    a_run_drafted_in_pages_appears_whole_at_commit,
+    claims_start_after_a_position,
 );
 
 #[tokio::test]

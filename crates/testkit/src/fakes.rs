@@ -200,7 +200,7 @@ use batch_domain::run::{ItemCounts, ItemStatus, Lease, RunId, RunStatus};
 use batch_domain::{JobId, TemplateId, UserId};
 use batch_ports::contexts::{BatchReference, ContextStore, ReferenceCursor};
 use batch_ports::runs::{
-    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunRecord, RunStore, StoreError,
+    ItemOutcome, ItemRecord, NewItem, NewRun, Occurrence, RunDraft, RunRecord, RunStore, StoreError,
 };
 use batch_ports::{
     ExecuteError, Request, RequestExecutor, Template, TemplateSource, UserRepository,
@@ -342,63 +342,23 @@ fn lost(owner: &str, run: &RunId) -> StoreError {
     StoreError::LeaseLost(format!("{owner} does not hold the lease on run {run}"))
 }
 
+/// A run being created in [`MemoryRuns`]: the items wait here until commit.
+struct MemoryDraft<'r> {
+    runs: &'r MemoryRuns,
+    run: NewRun,
+    items: Vec<NewItem>,
+}
+
 #[async_trait]
-impl RunStore for MemoryRuns {
-    async fn create_occurrence(
-        &self,
-        job: &JobId,
-        _tenant: &TenantId,
-        nominal: DateTime<Utc>,
-        group: &str,
-    ) -> Result<Occurrence, StoreError> {
-        self.count_schedule_call();
-        let mut state = lock(&self.state);
-        let key = (
-            job.to_string(),
-            nominal.timestamp_millis(),
-            group.to_owned(),
-        );
-        let next = i64::try_from(state.occurrences.len()).unwrap_or(0) + 1;
-        match state.occurrences.get(&key) {
-            Some(id) => Ok(Occurrence::Existed(*id)),
-            None => {
-                state.occurrences.insert(key, next);
-                Ok(Occurrence::Created(next))
-            }
-        }
+impl RunDraft for MemoryDraft<'_> {
+    async fn append(&mut self, items: Vec<NewItem>) -> Result<(), StoreError> {
+        self.items.extend(items);
+        Ok(())
     }
 
-    async fn run_for_occurrence(&self, occurrence: i64) -> Result<Option<RunId>, StoreError> {
-        self.count_schedule_call();
-        Ok(lock(&self.state).run_occurrences.get(&occurrence).cloned())
-    }
-
-    async fn occurrences_without_run(
-        &self,
-        job: &JobId,
-        group: &str,
-        from: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> Result<Vec<DateTime<Utc>>, StoreError> {
-        self.count_schedule_call();
-        let state = lock(&self.state);
-        let mut instants: Vec<_> = state
-            .occurrences
-            .iter()
-            .filter(|((j, ms, g), id)| {
-                j == job.as_str()
-                    && g == group
-                    && (from.timestamp_millis()..=until.timestamp_millis()).contains(ms)
-                    && !state.run_occurrences.contains_key(id)
-            })
-            .filter_map(|((_, ms, _), _)| DateTime::from_timestamp_millis(*ms))
-            .collect();
-        instants.sort_unstable();
-        Ok(instants)
-    }
-
-    async fn create_run(&self, run: NewRun, items: Vec<NewItem>) -> Result<(), StoreError> {
-        let mut state = lock(&self.state);
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let MemoryDraft { runs, run, items } = *self;
+        let mut state = lock(&runs.state);
         if let Some(occurrence) = run.occurrence {
             if state.run_occurrences.contains_key(&occurrence) {
                 return Err(StoreError::AlreadyExists(format!(
@@ -459,6 +419,77 @@ impl RunStore for MemoryRuns {
             },
         );
         Ok(())
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryRuns {
+    async fn create_occurrence(
+        &self,
+        job: &JobId,
+        _tenant: &TenantId,
+        nominal: DateTime<Utc>,
+        group: &str,
+    ) -> Result<Occurrence, StoreError> {
+        self.count_schedule_call();
+        let mut state = lock(&self.state);
+        let key = (
+            job.to_string(),
+            nominal.timestamp_millis(),
+            group.to_owned(),
+        );
+        let next = i64::try_from(state.occurrences.len()).unwrap_or(0) + 1;
+        match state.occurrences.get(&key) {
+            Some(id) => Ok(Occurrence::Existed(*id)),
+            None => {
+                state.occurrences.insert(key, next);
+                Ok(Occurrence::Created(next))
+            }
+        }
+    }
+
+    async fn run_for_occurrence(&self, occurrence: i64) -> Result<Option<RunId>, StoreError> {
+        self.count_schedule_call();
+        Ok(lock(&self.state).run_occurrences.get(&occurrence).cloned())
+    }
+
+    async fn occurrences_without_run(
+        &self,
+        job: &JobId,
+        group: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DateTime<Utc>>, StoreError> {
+        self.count_schedule_call();
+        let state = lock(&self.state);
+        let mut instants: Vec<_> = state
+            .occurrences
+            .iter()
+            .filter(|((j, ms, g), id)| {
+                j == job.as_str()
+                    && g == group
+                    && (from.timestamp_millis()..=until.timestamp_millis()).contains(ms)
+                    && !state.run_occurrences.contains_key(id)
+            })
+            .filter_map(|((_, ms, _), _)| DateTime::from_timestamp_millis(*ms))
+            .collect();
+        instants.sort_unstable();
+        Ok(instants)
+    }
+
+    async fn begin_run(&self, run: NewRun) -> Result<Box<dyn RunDraft + '_>, StoreError> {
+        if let Some(occurrence) = run.occurrence
+            && lock(&self.state).run_occurrences.contains_key(&occurrence)
+        {
+            return Err(StoreError::AlreadyExists(format!(
+                "a run for occurrence {occurrence}"
+            )));
+        }
+        Ok(Box::new(MemoryDraft {
+            runs: self,
+            run,
+            items: Vec::new(),
+        }))
     }
 
     async fn claim_runs(
@@ -665,6 +696,8 @@ impl RunStore for MemoryRuns {
             .collect())
     }
 
+    // The claim's terms are all plain values; a struct for them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn claim_items(
         &self,
         run: &RunId,
@@ -673,6 +706,7 @@ impl RunStore for MemoryRuns {
         lease_until: DateTime<Utc>,
         limit: usize,
         reclaim_own: bool,
+        after_seq: i64,
     ) -> Result<Vec<ItemRecord>, StoreError> {
         take_failure(&self.failing_claims, "claiming items")?;
         let mut state = lock(&self.state);
@@ -683,6 +717,7 @@ impl RunStore for MemoryRuns {
             .iter_mut()
             .filter(|(i, lease)| {
                 i.status == ItemStatus::Pending
+                    && i.seq > after_seq
                     && i.next_attempt_at.is_none_or(|t| t <= now)
                     && lease
                         .as_ref()
