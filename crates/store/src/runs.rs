@@ -612,15 +612,26 @@ impl RunStore for Store {
         reclaim_own: bool,
         after_seq: i64,
     ) -> Result<Vec<ItemRecord>, StoreError> {
+        // `seq = ANY(ARRAY(…))` makes PostgreSQL fetch the picked rows through the primary key
+        // whatever its statistics say. Joined by position alone, it hashed every item of the
+        // run for each claim whenever it thought a sequential scan cheaper than 500 index
+        // lookups (at 30 000 items: auto_explain in the P2 benchmark).
+        let matched = match self.backend() {
+            DbBackend::Postgres => {
+                "run_items.run_id = $1 AND run_items.seq = ANY(ARRAY(SELECT pick FROM picked)) \
+                 AND run_items.seq = picked.pick"
+            }
+            _ => "run_items.run_id = $1 AND run_items.seq = picked.pick",
+        };
         let sql = format!(
-            "WITH picked AS MATERIALIZED (SELECT seq AS pick_seq FROM run_items \
+            "WITH picked AS MATERIALIZED (SELECT seq AS pick FROM run_items \
                  WHERE run_id = $1 AND status = 'pending' AND seq > $7 \
                    AND (next_attempt_ms IS NULL OR next_attempt_ms <= $4) \
                    AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4 \
                         OR ($6 AND lease_owner = $2)) \
                  ORDER BY seq LIMIT $5{}) \
              UPDATE run_items SET lease_owner = $2, lease_expires_ms = $3 \
-             FROM picked WHERE run_items.run_id = $1 AND run_items.seq = picked.pick_seq \
+             FROM picked WHERE {matched} \
              RETURNING {ITEM_COLUMNS}",
             skip_locked(self.backend())
         );
@@ -656,20 +667,47 @@ impl RunStore for Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin().await.map_err(db_error)?;
+        let postgres = self.backend() == DbBackend::Postgres;
         for chunk in outcomes.chunks(self.rows_per_statement(7, OUTCOME_ROWS)) {
-            // VALUES columns are named column1, column2, … on both backends. The lease test in
-            // the WHERE clause fences off a claimer whose lease was taken over: it updates fewer
-            // rows than it sent, and the transaction is rolled back.
-            let sql = format!(
-                "UPDATE run_items SET status = v.column2, attempts = v.column3, \
-                     next_attempt_ms = v.column4, last_error = v.column5, result = v.column6, \
-                     request_context = COALESCE(v.column7, run_items.request_context), \
-                     lease_owner = NULL, lease_expires_ms = NULL, updated_ms = $2 \
-                 FROM (VALUES {}) AS v \
-                 WHERE run_items.run_id = $1 AND run_items.item_key = v.column1 \
-                   AND run_items.lease_owner = $3",
-                placeholders(chunk.len(), 7, 4)
-            );
+            // VALUES columns are named column1, column2, … on both backends. The lease test
+            // fences off a claimer whose lease was taken over: it updates fewer rows than it
+            // sent, and the transaction is rolled back.
+            let sql = if postgres {
+                // Each outcome finds its row through the (run, key) index and locks it there,
+                // where the lease test is made on its latest version; the update then fetches
+                // the locked rows through the primary key (`seq = ANY(ARRAY(…))`). Written as
+                // one join with the lease test on the target, PostgreSQL trusted statistics
+                // saying almost no row has that lease owner (taken before any claim) and
+                // compared every leased item with every outcome: 400 ms per chunk at 30 000
+                // items (auto_explain in the P2 benchmark); joined by position alone, it hashed
+                // every item of the run for each chunk.
+                format!(
+                    "WITH v AS (VALUES {}), \
+                     mine AS MATERIALIZED (SELECT i.seq, v.* FROM v CROSS JOIN LATERAL \
+                         (SELECT seq FROM run_items WHERE run_id = $1 \
+                            AND item_key = v.column1 AND lease_owner = $3 FOR UPDATE) AS i) \
+                     UPDATE run_items SET status = mine.column2, attempts = mine.column3, \
+                         next_attempt_ms = mine.column4, last_error = mine.column5, \
+                         result = mine.column6, \
+                         request_context = COALESCE(mine.column7, run_items.request_context), \
+                         lease_owner = NULL, lease_expires_ms = NULL, updated_ms = $2 \
+                     FROM mine WHERE run_items.run_id = $1 \
+                       AND run_items.seq = ANY(ARRAY(SELECT seq FROM mine)) \
+                       AND run_items.seq = mine.seq",
+                    placeholders(chunk.len(), 7, 4)
+                )
+            } else {
+                format!(
+                    "UPDATE run_items SET status = v.column2, attempts = v.column3, \
+                         next_attempt_ms = v.column4, last_error = v.column5, result = v.column6, \
+                         request_context = COALESCE(v.column7, run_items.request_context), \
+                         lease_owner = NULL, lease_expires_ms = NULL, updated_ms = $2 \
+                     FROM (VALUES {}) AS v \
+                     WHERE run_items.run_id = $1 AND run_items.item_key = v.column1 \
+                       AND run_items.lease_owner = $3",
+                    placeholders(chunk.len(), 7, 4)
+                )
+            };
             let mut values = Vec::with_capacity(3 + chunk.len() * 7);
             values.extend([text(run.as_str()), big(millis(now)), text(owner)]);
             for outcome in chunk {

@@ -1765,6 +1765,82 @@ async fn claims_start_after_a_position(backend: Backend) {
     assert_eq!(seqs(earlier), [1, 2, 3, 4, 5]);
 }
 
+async fn renewals_racing_records_lose_no_outcome(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    let store = Arc::new(store);
+    let run = RunId::parse("r1").unwrap();
+    let all = 2_000;
+    store
+        .create_run(
+            new_run("r1", "acme", t0()),
+            (0..all)
+                .map(|i| NewItem {
+                    key: format!("item-{i:06}"),
+                    user: None,
+                    status: ItemStatus::Pending,
+                    payload: json!({}),
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    store
+        .claim_run(&run, "a", t0(), t0() + Duration::hours(1), None)
+        .await
+        .unwrap()
+        .unwrap();
+    // A heartbeat extends the leases of the very rows a chunk's record is writing: the
+    // record must still find and write each of them, never report its lease lost.
+    let mut after = 0;
+    for round in 0..20 {
+        let now = t0() + Duration::seconds(round);
+        let chunk = store
+            .claim_items(
+                &run,
+                "a",
+                now,
+                now + Duration::minutes(1),
+                100,
+                false,
+                after,
+            )
+            .await
+            .unwrap();
+        after = chunk.last().unwrap().seq;
+        let outcomes: Vec<ItemOutcome> = chunk
+            .iter()
+            .map(|item| ItemOutcome {
+                key: item.key.clone(),
+                status: ItemStatus::Succeeded,
+                attempts: 1,
+                next_attempt_at: None,
+                error: None,
+                result: Some(json!({ "round": round })),
+                request_context: None,
+            })
+            .collect();
+        let renewing = {
+            let (store, run) = (store.clone(), run.clone());
+            tokio::spawn(async move {
+                for extra in 2..6 {
+                    store
+                        .renew_lease(&run, "a", now + Duration::minutes(extra))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        store
+            .record_outcomes(&run, "a", &outcomes, now)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        renewing.await.unwrap();
+    }
+    assert_eq!(store.counts(&run).await.unwrap().succeeded, 2_000);
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -1814,6 +1890,7 @@ contract_suite!(
     job_definitions_sync_from_the_file_and_change_through_the_api,
     a_run_drafted_in_pages_appears_whole_at_commit,
     claims_start_after_a_position,
+    renewals_racing_records_lose_no_outcome,
 );
 
 #[tokio::test]
