@@ -121,9 +121,14 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
             value: ratio,
             unit: "ratio",
             detail: format!(
-                "{items} items on PostgreSQL, latency 20 ms, concurrency 64: processor {:.0}/s, Little's law {ceiling:.0}/s, bare loop {:.0}/s",
+                "{items} items on PostgreSQL, latency 20 ms, concurrency 64: processor {:.0}/s (prepare {:.1} s, execute {:.1} s, {:.1} calls in flight on average), Little's law {ceiling:.0}/s, bare loop {:.0}/s ({:.1} in flight, {:.2} ms per call)",
                 number(&line, "processor_per_s")?,
-                number(&line, "bare_per_s")?
+                number(&line, "prepare_s")?,
+                number(&line, "execute_s")?,
+                number(&line, "processor_mean_in_flight")?,
+                number(&line, "bare_per_s")?,
+                number(&line, "bare_mean_in_flight")?,
+                number(&line, "bare_mean_call_ms")?
             ),
             goal: Some((">= 0.95", ratio >= 0.95)),
         });
