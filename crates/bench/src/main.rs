@@ -11,6 +11,11 @@
 //! * `scheduler` (P5): the scheduler's idle tick, grouping and burst costs (see [`scheduler`]).
 #![forbid(unsafe_code)]
 
+/// The allocator the server uses too (see `batch-server`), so the processor measured here
+/// allocates as it does there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

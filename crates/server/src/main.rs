@@ -21,6 +21,12 @@ mod settings;
 mod telemetry;
 mod wiring;
 
+/// mimalloc instead of the system allocator: glibc's `malloc` and `free` took about a fifth
+/// of the CPU of a benchmark run, and with mimalloc a processed item costs 98 µs of CPU
+/// instead of 138 µs (P1 on SQLite, 100 000 items).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The agent-batch server.
 #[derive(Debug, Parser)]
 #[command(name = "batch-server", version, about)]
