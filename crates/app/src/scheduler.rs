@@ -819,38 +819,47 @@ impl BatchScheduler {
             report.paused += due.fire.len() + due.dropped;
         } else {
             report.dropped += due.dropped;
-            if due.dropped > 0 {
-                // The policy passes over instants. One of them may have been fired already by a
-                // tick that crashed after creating its occurrence and before its run: that
-                // instant was decided, and gets its run however late it is now.
-                let orphans = self
-                    .processor
+            // An instant that was due may have been fired already by a tick that crashed
+            // after creating its occurrence and before its run: that instant was decided,
+            // and gets its run however late it is now and whatever the overlap policy says.
+            // Only instants this tick found due are looked at (before `due.next`), so a
+            // jittered instant is never repaired before its fire time.
+            let decided = if due.fire.is_empty() && due.dropped == 0 {
+                Vec::new()
+            } else {
+                let until = due
+                    .next
+                    .map_or(now, |next| next - chrono::Duration::milliseconds(1));
+                self.processor
                     .ports()
                     .runs
-                    .occurrences_without_run(&job.id, &key.group, next_nominal, now)
+                    .occurrences_without_run(&job.id, &key.group, next_nominal, until)
+                    .await?
+            };
+            // Passed over by the policy: these were counted as dropped.
+            for nominal in decided.iter().filter(|n| !due.fire.contains(n)) {
+                let run = self
+                    .occur(
+                        job,
+                        &key.group,
+                        *nominal,
+                        Trigger::Scheduled,
+                        &unit.scope(key),
+                    )
                     .await?;
-                for nominal in orphans.into_iter().filter(|n| !due.fire.contains(n)) {
-                    let run = self
-                        .occur(
-                            job,
-                            &key.group,
-                            nominal,
-                            Trigger::Scheduled,
-                            &unit.scope(key),
-                        )
-                        .await?;
-                    fired.push(nominal);
-                    report.dropped = report.dropped.saturating_sub(1);
-                    report.fired.push(Fired {
-                        job: job.id.clone(),
-                        group: key.group.to_string(),
-                        nominal,
-                        run,
-                    });
-                }
+                fired.push(*nominal);
+                report.dropped = report.dropped.saturating_sub(1);
+                report.fired.push(Fired {
+                    job: job.id.clone(),
+                    group: key.group.to_string(),
+                    nominal: *nominal,
+                    run,
+                });
             }
             for nominal in &due.fire {
-                if !self.overlap_allows(job, &key.group, *nominal).await? {
+                if !decided.contains(nominal)
+                    && !self.overlap_allows(job, &key.group, *nominal).await?
+                {
                     report.dropped += 1;
                     continue;
                 }

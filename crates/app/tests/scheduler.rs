@@ -489,6 +489,50 @@ async fn overlap_skip_and_allow_all() {
 }
 
 #[tokio::test]
+async fn an_orphaned_occurrence_gets_its_run_whatever_the_overlap_policy() {
+    let start = utc("2027-01-01T09:59:00Z");
+    let world = world(start);
+    let skip = overlap_job("skip");
+    let scheduler = world.scheduler(std::slice::from_ref(&skip));
+    scheduler.tick(start).await.unwrap();
+    let ten = scheduler.tick(utc("2027-01-01T10:00:00Z")).await.unwrap();
+    assert_eq!(ten.fired.len(), 1, "10:00 fires; its run stays unfinished");
+    // A tick fired 11:00 and crashed before creating its run.
+    let eleven = utc("2027-01-01T11:00:00Z");
+    let Occurrence::Created(occurrence) = world
+        .runs
+        .create_occurrence(&skip.id, &skip.tenant, eleven, "")
+        .await
+        .unwrap()
+    else {
+        panic!("the occurrence was new")
+    };
+    let report = world
+        .scheduler(std::slice::from_ref(&skip))
+        .tick(eleven + Duration::seconds(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        report
+            .fired
+            .iter()
+            .map(|f| (f.nominal, f.run.is_some()))
+            .collect::<Vec<_>>(),
+        [(eleven, true)],
+        "the decided instant is not skipped for the unfinished 10:00 run"
+    );
+    assert_eq!(report.dropped, 0);
+    assert!(
+        world
+            .runs
+            .run_for_occurrence(occurrence)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
 async fn overlap_buffers_wait_for_the_running_run() {
     let world = world(utc("2027-01-01T09:59:00Z"));
     let job = overlap_job("buffer_all");
