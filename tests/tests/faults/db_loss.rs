@@ -97,6 +97,8 @@ async fn f2_the_server_rides_out_a_database_restart() {
     );
     let run = trigger(&server).await;
     let mut recovery = Duration::ZERO;
+    // When a fault came after the last item's call, resuming means recording: the run's end.
+    let mut resumed_by_the_end = None;
     // Three faults at random points within successive fifths of the run.
     for (n, fault) in ["terminate", "immediate", "fast"].into_iter().enumerate() {
         let fifth = items / 5;
@@ -134,6 +136,15 @@ async fn f2_the_server_rides_out_a_database_restart() {
         }
         let back = Instant::now();
         let before = requests.calls().len();
+        // Every item may have been called by now: the items claimed ahead go on while the
+        // database is away, and a server that is back works through the rest of a short run
+        // before the health poll sees it serving (CI saw all 3 000 called after the fast
+        // restart, and waited in vain for one more call).
+        if before >= items {
+            eprintln!("F2 {fault} at {at} calls: every item was called by the time it was back");
+            resumed_by_the_end = Some(back);
+            continue;
+        }
         calls_reach(&requests, before + 1).await;
         recovery = recovery.max(back.elapsed());
         eprintln!(
@@ -145,6 +156,9 @@ async fn f2_the_server_rides_out_a_database_restart() {
         eprintln!("{}", server.log());
     }
     let last = finish(&server, &run).await;
+    if let Some(back) = resumed_by_the_end {
+        recovery = recovery.max(back.elapsed());
+    }
     assert_eq!(last.status, "succeeded", "{last:?}\n{}", server.log());
     assert_eq!(last.progress.unwrap().succeeded, items as u64);
     let mut report = check("F2", &url, &run, &requests).await;
