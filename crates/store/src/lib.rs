@@ -38,7 +38,16 @@ pub struct Store {
     sqlite_file: Option<PathBuf>,
     /// Held while this process claims work from a SQLite file: SQLite mode is single-process.
     process_lock: Mutex<Option<File>>,
+    /// Runs that may be drafted inside an open transaction at once (see
+    /// [`STREAMED_DRAFTS`]).
+    streamed_drafts: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// How many runs may be drafted inside an open transaction at once, each holding one pooled
+/// connection while its strategy reads the sources through others. Beyond that a draft keeps
+/// its pages in memory until commit: with every connection held by a draft, the sources could
+/// not be read at all.
+pub const STREAMED_DRAFTS: usize = 4;
 
 /// The file of a `sqlite:` URL, or `None` for in-memory databases and other backends.
 fn sqlite_file(url: &str) -> Option<PathBuf> {
@@ -106,6 +115,7 @@ impl Store {
             db,
             sqlite_file,
             process_lock: Mutex::new(None),
+            streamed_drafts: std::sync::Arc::new(tokio::sync::Semaphore::new(STREAMED_DRAFTS)),
         }
     }
 

@@ -127,6 +127,8 @@ struct StreamedDraft<'s> {
     run: NewRun,
     /// Items inserted so far: the position of the last one.
     written: i64,
+    /// One of the `STREAMED_DRAFTS`, given back when the draft ends.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 #[async_trait]
@@ -144,8 +146,9 @@ impl RunDraft for StreamedDraft<'_> {
     }
 }
 
-/// A run drafted in memory and written in one transaction at commit (SQLite, whose single
-/// connection the strategy needs for reading its sources meanwhile).
+/// A run drafted in memory and written in one transaction at commit: on SQLite, whose single
+/// connection the strategy needs for reading its sources meanwhile, and on PostgreSQL while
+/// `STREAMED_DRAFTS` others stream.
 struct BufferedDraft<'s> {
     store: &'s Store,
     run: NewRun,
@@ -304,25 +307,29 @@ impl RunStore for Store {
     }
 
     async fn begin_run(&self, run: NewRun) -> Result<Box<dyn RunDraft + '_>, StoreError> {
-        match self.backend() {
-            // One connection serves the whole embedded store: a transaction held open while
-            // the strategy reads its sources through that same store would wait for itself.
-            DbBackend::Sqlite => Ok(Box::new(BufferedDraft {
+        // One connection serves the whole embedded store: a transaction held open while the
+        // strategy reads its sources through that same store would wait for itself. On
+        // PostgreSQL a few drafts at once stream (see `STREAMED_DRAFTS`).
+        let permit = match self.backend() {
+            DbBackend::Sqlite => None,
+            _ => self.streamed_drafts.clone().try_acquire_owned().ok(),
+        };
+        let Some(permit) = permit else {
+            return Ok(Box::new(BufferedDraft {
                 store: self,
                 run,
                 items: Vec::new(),
-            })),
-            _ => {
-                let txn = self.db.begin().await.map_err(db_error)?;
-                self.insert_run(&txn, &run).await?;
-                Ok(Box::new(StreamedDraft {
-                    store: self,
-                    txn,
-                    run,
-                    written: 0,
-                }))
-            }
-        }
+            }));
+        };
+        let txn = self.db.begin().await.map_err(db_error)?;
+        self.insert_run(&txn, &run).await?;
+        Ok(Box::new(StreamedDraft {
+            store: self,
+            txn,
+            run,
+            written: 0,
+            _permit: permit,
+        }))
     }
 
     async fn claim_runs(

@@ -1841,6 +1841,39 @@ async fn renewals_racing_records_lose_no_outcome(backend: Backend) {
     assert_eq!(store.counts(&run).await.unwrap().succeeded, 2_000);
 }
 
+async fn many_runs_drafted_at_once_leave_connections_to_read_with(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    store
+        .create_run(new_run("existing", "acme", t0()), items(1))
+        .await
+        .unwrap();
+    // More drafts open at once than the pool has connections (16): each still gets its
+    // pages in, and the sources can still be read meanwhile.
+    let mut drafts = Vec::new();
+    for n in 0..20 {
+        let mut draft = store
+            .begin_run(new_run(&format!("draft-{n}"), "acme", t0()))
+            .await
+            .unwrap();
+        draft.append(items(3)).await.unwrap();
+        drafts.push(draft);
+    }
+    let read = store
+        .run(&tenant("acme"), &RunId::parse("existing").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(read.status, RunStatus::Queued);
+    for draft in drafts {
+        draft.commit().await.unwrap();
+    }
+    for n in 0..20 {
+        let run = RunId::parse(format!("draft-{n}")).unwrap();
+        assert_eq!(store.counts(&run).await.unwrap().pending, 3);
+    }
+}
+
 macro_rules! contract_suite {
     ($($test:ident),+ $(,)?) => {
         mod sqlite {
@@ -1891,6 +1924,7 @@ contract_suite!(
     a_run_drafted_in_pages_appears_whole_at_commit,
     claims_start_after_a_position,
     renewals_racing_records_lose_no_outcome,
+    many_runs_drafted_at_once_leave_connections_to_read_with,
 );
 
 #[tokio::test]
