@@ -838,23 +838,9 @@ impl BatchScheduler {
             };
             // Passed over by the policy: these were counted as dropped.
             for nominal in decided.iter().filter(|n| !due.fire.contains(n)) {
-                let run = self
-                    .occur(
-                        job,
-                        &key.group,
-                        *nominal,
-                        Trigger::Scheduled,
-                        &unit.scope(key),
-                    )
-                    .await?;
+                self.fire_one(job, key, unit, *nominal, report).await?;
                 fired.push(*nominal);
                 report.dropped = report.dropped.saturating_sub(1);
-                report.fired.push(Fired {
-                    job: job.id.clone(),
-                    group: key.group.to_string(),
-                    nominal: *nominal,
-                    run,
-                });
             }
             for nominal in &due.fire {
                 if !decided.contains(nominal)
@@ -863,22 +849,8 @@ impl BatchScheduler {
                     report.dropped += 1;
                     continue;
                 }
+                self.fire_one(job, key, unit, *nominal, report).await?;
                 fired.push(*nominal);
-                let run = self
-                    .occur(
-                        job,
-                        &key.group,
-                        *nominal,
-                        Trigger::Scheduled,
-                        &unit.scope(key),
-                    )
-                    .await?;
-                report.fired.push(Fired {
-                    job: job.id.clone(),
-                    group: key.group.to_string(),
-                    nominal: *nominal,
-                    run,
-                });
             }
         }
         let state = ScheduleState {
@@ -907,6 +879,33 @@ impl BatchScheduler {
 
     /// Creates the occurrence of `job` at `nominal` for `group` and its run, exactly once:
     /// returns the run when this call created it, `None` when it existed.
+    /// Fires `nominal` of the schedule `key` (its occurrence and run) and reports it.
+    async fn fire_one(
+        &self,
+        job: &Job,
+        key: &Key,
+        unit: &Unit,
+        nominal: DateTime<Utc>,
+        report: &mut TickReport,
+    ) -> Result<(), Error> {
+        let run = self
+            .occur(
+                job,
+                &key.group,
+                nominal,
+                Trigger::Scheduled,
+                &unit.scope(key),
+            )
+            .await?;
+        report.fired.push(Fired {
+            job: job.id.clone(),
+            group: key.group.to_string(),
+            nominal,
+            run,
+        });
+        Ok(())
+    }
+
     async fn occur(
         &self,
         job: &Job,

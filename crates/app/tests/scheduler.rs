@@ -77,6 +77,15 @@ impl World {
     fn scheduler(&self, jobs: &[Job]) -> BatchScheduler {
         BatchScheduler::new(self.processor.clone(), self.runs.clone(), jobs)
     }
+
+    /// Whether occurrence `occurrence` has its run.
+    async fn has_run(&self, occurrence: i64) -> bool {
+        self.runs
+            .run_for_occurrence(occurrence)
+            .await
+            .unwrap()
+            .is_some()
+    }
 }
 
 #[tokio::test]
@@ -290,14 +299,7 @@ async fn an_occurrence_left_without_its_run_by_a_crash_gets_one_run() {
     let report = scheduler.tick(start).await.unwrap();
     assert_eq!(report.fired.len(), 1);
     assert!(report.fired[0].run.is_some());
-    assert!(
-        world
-            .runs
-            .run_for_occurrence(occurrence)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(world.has_run(occurrence).await);
     // A second scheduler (another replica) ticking the same instant creates nothing more.
     let other = world.scheduler(&jobs);
     let again = other.tick(start).await.unwrap();
@@ -354,14 +356,7 @@ async fn an_orphaned_occurrence_gets_its_run_even_when_the_policy_passes_over_it
     }
     assert_eq!(report.dropped, 18);
     for occurrence in orphans {
-        assert!(
-            world
-                .runs
-                .run_for_occurrence(occurrence)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(world.has_run(occurrence).await);
     }
     // Nothing is repeated: the next tick fires only 10:11.
     let next = restarted.tick(start + Duration::minutes(11)).await.unwrap();
@@ -522,14 +517,7 @@ async fn an_orphaned_occurrence_gets_its_run_whatever_the_overlap_policy() {
         "the decided instant is not skipped for the unfinished 10:00 run"
     );
     assert_eq!(report.dropped, 0);
-    assert!(
-        world
-            .runs
-            .run_for_occurrence(occurrence)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(world.has_run(occurrence).await);
 }
 
 #[tokio::test]
