@@ -13,7 +13,8 @@
 //! the run finishes with exact counts. A processor that opens an interrupted run only ever sees
 //! items that have not succeeded: succeeded items are never executed again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -516,6 +517,7 @@ impl BatchProcessor {
             notes,
             counts: None,
             cursor: ClaimCursor::default(),
+            referenced: None,
         })
     }
 
@@ -597,6 +599,33 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Claimable runs read per tenant when choosing the next run to claim.
 const CLAIM_WINDOW: usize = 16;
 
+/// Runs `op` again while the store answers [`StoreError::Unavailable`], waiting 50 ms,
+/// doubling up to 2 s, for at most `patience`; returns its last answer.
+async fn while_unavailable<T, F, Fut>(
+    clock: &Arc<dyn batch_ports::Clock>,
+    run: &RunId,
+    what: &str,
+    patience: Duration,
+    mut op: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let give_up = clock.now() + chrono_duration(patience);
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Err(StoreError::Unavailable(why)) if clock.now() < give_up => {
+                tracing::warn!(run = %run, error = %why, "{what}: database unavailable, retrying");
+                clock.sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
@@ -665,6 +694,12 @@ pub struct Execution<'p> {
     counts: Option<batch_domain::run::ItemCounts>,
     /// Where the last claim ended.
     cursor: ClaimCursor,
+    /// Whether every user whose item of the run succeeded has had the run's reference handed
+    /// out by this execution, chunk by chunk: `Some(true)` while so; `Some(false)` once a
+    /// chunk's references failed or items succeeded before this execution began (a resumed
+    /// run); `None` before the first chunk is recorded. The end of the run pages through the
+    /// succeeded items again unless it is `Some(true)`.
+    referenced: Option<bool>,
 }
 
 /// Where an execution's claims have got to in its run. Claiming from there reads only the
@@ -690,6 +725,130 @@ enum Attempted {
 
 /// The outcome of executing one item, before the retry decision.
 type Executed = (ItemRecord, Attempted, Value);
+
+/// A chunk's recording under way; it borrows the processor, not the execution, so a step goes
+/// on claiming and executing while it runs.
+type Recording<'p> = Pin<Box<dyn Future<Output = Result<Recorded, Error>> + Send + 'p>>;
+
+/// One executed chunk on its way to the store: its outcomes, worked out when its last item
+/// answered, and what writing them needs.
+struct ChunkRecord<'p> {
+    processor: &'p BatchProcessor,
+    run: RunRecord,
+    job: batch_domain::JobId,
+    outcomes: Vec<ItemOutcome>,
+    /// The users whose items succeeded in this chunk.
+    users: Vec<UserId>,
+    /// The run's counts before this chunk; `None` for an execution's first chunk.
+    counts: Option<batch_domain::run::ItemCounts>,
+    notes: Vec<String>,
+    now: DateTime<Utc>,
+}
+
+/// What recording one chunk changed in its execution.
+struct Recorded {
+    /// The run's counts after the chunk.
+    counts: batch_domain::run::ItemCounts,
+    /// For an execution's first chunk: whether no item had succeeded before it.
+    none_before: Option<bool>,
+    /// Whether the chunk's users received the run's reference.
+    referenced: bool,
+}
+
+impl ChunkRecord<'_> {
+    /// Records the outcomes in one store call, hands the run's reference to the users whose
+    /// items succeeded, keeps the counts, updates the context and publishes progress.
+    ///
+    /// # Errors
+    /// As [`Execution::run_next_chunk`].
+    async fn write(self) -> Result<Recorded, Error> {
+        let ports = &self.processor.ports;
+        let (run_id, owner) = (&self.run.id, &self.processor.settings.owner);
+        let (now, outcomes) = (self.now, &self.outcomes);
+        // The chunk was executed: its results must not be lost to a database that is briefly
+        // away (restarting, say). Recording is retried while it is unavailable, up to a run
+        // lease; the owner check keeps a run another processor took over from being written.
+        let patience = self.processor.settings.run_lease;
+        while_unavailable(&ports.clock, run_id, "recording a chunk", patience, || {
+            ports.runs.record_outcomes(run_id, owner, outcomes, now)
+        })
+        .await?;
+        let referenced = self.reference().await;
+        let count = |status: ItemStatus| outcomes.iter().filter(|o| o.status == status).count();
+        tracing::debug!(
+            target: "batch::metrics",
+            metric = "chunk",
+            succeeded = count(ItemStatus::Succeeded),
+            failed = count(ItemStatus::Failed),
+            retried = count(ItemStatus::Pending),
+        );
+        // Every item of the chunk was pending when claimed; each now has its outcome's status.
+        // The first chunk of an execution writes the whole context (status, notes); later ones
+        // only its progress, since the context's item lists grow with the run.
+        let (counts, none_before) = match self.counts {
+            Some(mut counts) => {
+                for outcome in outcomes {
+                    counts.pending = counts.pending.saturating_sub(1);
+                    counts.add(outcome.status, 1);
+                }
+                let progress = progress(&counts);
+                let tenant = &self.run.tenant;
+                while_unavailable(&ports.clock, run_id, "saving progress", patience, || {
+                    ports.contexts.save_progress(tenant, run_id, &progress, now)
+                })
+                .await?;
+                (counts, None)
+            }
+            None => {
+                let counts = ports.runs.counts(run_id).await?;
+                self.processor
+                    .contexts
+                    .update(&self.run, &counts, &self.notes)
+                    .await?;
+                // Items that succeeded before this execution began may have been recorded
+                // by one that stopped before handing out their references.
+                let here = u64::try_from(count(ItemStatus::Succeeded)).unwrap_or(u64::MAX);
+                (counts, Some(counts.succeeded == here))
+            }
+        };
+        self.processor.publish(ProgressEvent {
+            run: run_id.clone(),
+            status: RunStatus::Running,
+            progress: progress(&counts),
+        });
+        Ok(Recorded {
+            counts,
+            none_before,
+            referenced,
+        })
+    }
+
+    /// Hands the run's reference to the users whose items have just succeeded, so that a user
+    /// sees the run as soon as their result exists and the end of the run need not read every
+    /// succeeded item again. Returns whether it did: a failure (after waiting out a database
+    /// that is briefly away) leaves the end of the run to page through the succeeded items.
+    async fn reference(&self) -> bool {
+        if self.users.is_empty() {
+            return true;
+        }
+        let mut users = self.users.clone();
+        users.sort();
+        users.dedup();
+        let (ports, run) = (&self.processor.ports, &self.run);
+        let patience = self.processor.settings.run_lease;
+        let what = "handing out references";
+        let added = while_unavailable(&ports.clock, &run.id, what, patience, || {
+            ports
+                .contexts
+                .add_references(&run.tenant, &self.job, &run.id, &users, self.now)
+        })
+        .await;
+        if let Err(e) = &added {
+            tracing::warn!(run = %run.id, error = %e, "the references of a chunk failed; the end of the run hands them out");
+        }
+        added.is_ok()
+    }
+}
 
 /// The items one step has claimed and not yet recorded: their tasks, and what is left of each
 /// chunk.
@@ -731,7 +890,7 @@ impl Flight {
     }
 }
 
-impl Execution<'_> {
+impl<'p> Execution<'p> {
     /// The run as it was when opened.
     pub fn run(&self) -> &RunRecord {
         &self.run
@@ -820,33 +979,6 @@ impl Execution<'_> {
         }
     }
 
-    /// Runs `op` again while the store answers [`StoreError::Unavailable`], waiting 50 ms,
-    /// doubling up to 2 s, for at most `patience`; returns its last answer.
-    async fn while_unavailable<T, F, Fut>(
-        &self,
-        what: &str,
-        patience: Duration,
-        mut op: F,
-    ) -> Result<T, StoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        let clock = &self.ports().clock;
-        let give_up = clock.now() + chrono_duration(patience);
-        let mut wait = Duration::from_millis(50);
-        loop {
-            match op().await {
-                Err(StoreError::Unavailable(why)) if clock.now() < give_up => {
-                    tracing::warn!(run = %self.run.id, error = %why, "{what}: database unavailable, retrying");
-                    clock.sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                other => return other,
-            }
-        }
-    }
-
     /// How long to wait for `until`, short enough to keep the run lease alive.
     fn idle_wait(&self, until: DateTime<Utc>) -> Duration {
         let now = self.ports().clock.now();
@@ -927,8 +1059,10 @@ impl Execution<'_> {
 
     /// Claims and executes up to `max_chunks` chunks, keeping a chunk and twice the concurrency
     /// limit of items claimed ahead (so a slow claim or record does not starve the requests),
-    /// and records each chunk when its last item answered. Returns how many items were executed
-    /// and recorded: 0 when nothing was due (or the run is cancelled or stopping).
+    /// and records each chunk when its last item answered. Recording runs beside the claims
+    /// (one chunk at a time, in the order the chunks ended, so progress only grows): the two
+    /// round trips to the store overlap instead of taking turns. Returns how many items were
+    /// executed and recorded: 0 when nothing was due (or the run is cancelled or stopping).
     async fn fly(
         &mut self,
         max_chunks: usize,
@@ -948,8 +1082,17 @@ impl Execution<'_> {
         let mut cancel = self.processor.cancel_signal.subscribe();
         let grace = self.processor.settings.cancel_grace;
         let clock = self.ports().clock.clone();
-        let mut deadline: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        let mut deadline: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        // Chunks whose items have all answered, waiting to be recorded, and the one being
+        // recorded.
+        let mut unrecorded: VecDeque<Vec<Executed>> = VecDeque::new();
+        let mut recording: Option<Recording<'p>> = None;
         loop {
+            if recording.is_none()
+                && let Some(done) = unrecorded.pop_front()
+            {
+                recording = Some(Box::pin(self.chunk_record(done).write()));
+            }
             let cancelled = self.processor.is_cancelled(&run_id);
             let stopping = stop.as_ref().is_some_and(|s| *s.borrow());
             if cancelled && deadline.is_none() && !flight.is_empty() {
@@ -962,13 +1105,31 @@ impl Execution<'_> {
                 && claimed < max_chunks
                 && flight.len() < chunk_size + 2 * concurrency
             {
-                // With nothing in flight, items still leased to this processor are leftovers
-                // of a step that failed with requests in flight.
-                let reclaim_own = flight.is_empty();
-                match self
-                    .claim(&run_id, &owner, chunk_size, &mut renewed_at, reclaim_own)
-                    .await
-                {
+                // With nothing in flight or unrecorded, items still leased to this processor
+                // are leftovers of a step that failed with requests in flight.
+                let reclaim_own = flight.is_empty() && recording.is_none();
+                let claim = self.claim(&run_id, &owner, chunk_size, &mut renewed_at, reclaim_own);
+                // The chunk being recorded goes on meanwhile; its answer is taken in once the
+                // claim has answered too.
+                let mut recorded = None;
+                let claim = match recording.as_mut() {
+                    None => claim.await,
+                    Some(writing) => {
+                        tokio::pin!(claim);
+                        tokio::select! {
+                            claim = &mut claim => claim,
+                            written = writing => {
+                                recorded = Some(written);
+                                claim.await
+                            }
+                        }
+                    }
+                };
+                if let Some(written) = recorded {
+                    recording = None;
+                    self.apply(written?);
+                }
+                match claim {
                     Ok(Some(chunk)) => {
                         claimed += 1;
                         flight.remaining.insert(claimed, chunk.len());
@@ -977,9 +1138,9 @@ impl Execution<'_> {
                         }
                     }
                     Ok(None) => claiming = false,
-                    // With items in flight, a failed claim waits for the next step: the
-                    // items' results are recorded first.
-                    Err(e) if !flight.is_empty() => {
+                    // With items in flight or unrecorded, a failed claim waits for the next
+                    // step: the items' results are recorded first.
+                    Err(e) if !flight.is_empty() || recording.is_some() => {
                         tracing::warn!(run = %run_id, error = %e, "claiming ahead failed");
                         claiming = false;
                     }
@@ -987,11 +1148,16 @@ impl Execution<'_> {
                 }
                 continue;
             }
-            if flight.is_empty() {
+            if flight.is_empty() && recording.is_none() {
                 return Ok(worked);
             }
             let joined = tokio::select! {
-                joined = flight.tasks.join_next_with_id() => joined,
+                joined = flight.tasks.join_next_with_id(), if !flight.is_empty() => joined,
+                written = async { if let Some(w) = recording.as_mut() { w.await } else { std::future::pending().await } }, if recording.is_some() => {
+                    recording = None;
+                    self.apply(written?);
+                    continue;
+                }
                 changed = cancel.changed(), if deadline.is_none() => {
                     if changed.is_err() {
                         // The processor is gone; nothing will cancel any more.
@@ -1025,7 +1191,7 @@ impl Execution<'_> {
             };
             if let Some(done) = flight.finished(id, result) {
                 worked += done.len();
-                self.record(done).await?;
+                unrecorded.push_back(done);
             }
         }
     }
@@ -1097,69 +1263,44 @@ impl Execution<'_> {
         }
     }
 
-    /// Records the outcomes of one executed chunk in one store call, keeps the counts, updates
-    /// the context and publishes progress.
-    async fn record(&mut self, executed: Vec<Executed>) -> Result<(), Error> {
-        let run_id = self.run.id.clone();
-        let owner = self.processor.settings.owner.clone();
+    /// Works out the outcomes of one executed chunk and what writing them needs
+    /// ([`ChunkRecord::write`]); [`Execution::apply`] takes the answer back.
+    fn chunk_record(&self, executed: Vec<Executed>) -> ChunkRecord<'p> {
         let now = self.ports().clock.now();
+        let mut users = Vec::new();
         let outcomes: Vec<ItemOutcome> = executed
             .into_iter()
-            .map(|(item, result, request_context)| self.outcome(item, result, request_context, now))
-            .collect();
-        // The chunk was executed: its results must not be lost to a database that is briefly
-        // away (restarting, say). Recording is retried while it is unavailable, up to a run
-        // lease; the owner check keeps a run another processor took over from being written.
-        let patience = self.processor.settings.run_lease;
-        self.while_unavailable("recording a chunk", patience, || {
-            self.ports()
-                .runs
-                .record_outcomes(&run_id, &owner, &outcomes, now)
-        })
-        .await?;
-        let count = |status: ItemStatus| outcomes.iter().filter(|o| o.status == status).count();
-        tracing::debug!(
-            target: "batch::metrics",
-            metric = "chunk",
-            succeeded = count(ItemStatus::Succeeded),
-            failed = count(ItemStatus::Failed),
-            retried = count(ItemStatus::Pending),
-        );
-        // Every item of the chunk was pending when claimed; each now has its outcome's status.
-        // The first chunk of an execution writes the whole context (status, notes); later ones
-        // only its progress, since the context's item lists grow with the run.
-        match self.counts.take() {
-            Some(mut counts) => {
-                for outcome in &outcomes {
-                    counts.pending = counts.pending.saturating_sub(1);
-                    counts.add(outcome.status, 1);
+            .map(|(item, result, request_context)| {
+                let user = item.user.clone();
+                let outcome = self.outcome(item, result, request_context, now);
+                if outcome.status == ItemStatus::Succeeded {
+                    users.extend(user);
                 }
-                self.counts = Some(counts);
-                let progress = progress(&counts);
-                let (tenant, ports) = (&self.run.tenant, self.ports());
-                self.while_unavailable("saving progress", patience, || {
-                    ports
-                        .contexts
-                        .save_progress(tenant, &run_id, &progress, now)
-                })
-                .await?;
-            }
-            None => {
-                let counts = self.ports().runs.counts(&run_id).await?;
-                self.counts = Some(counts);
-                self.processor
-                    .contexts
-                    .update(&self.run, &counts, &self.notes)
-                    .await?;
-            }
+                outcome
+            })
+            .collect();
+        ChunkRecord {
+            processor: self.processor,
+            run: self.run.clone(),
+            job: self.job.id.clone(),
+            outcomes,
+            users,
+            counts: self.counts,
+            notes: self.notes.clone(),
+            now,
         }
-        let counts = self.counts.unwrap_or_default();
-        self.processor.publish(ProgressEvent {
-            run: run_id,
-            status: RunStatus::Running,
-            progress: progress(&counts),
-        });
-        Ok(())
+    }
+
+    /// Takes in what recording a chunk changed: the counts, and whether the references are
+    /// still all handed out.
+    fn apply(&mut self, recorded: Recorded) {
+        self.counts = Some(recorded.counts);
+        if let Some(none_before) = recorded.none_before {
+            self.referenced = Some(none_before);
+        }
+        if !recorded.referenced {
+            self.referenced = Some(false);
+        }
     }
 
     /// Builds the request of one item: the template is the item's preference override or the
@@ -1333,8 +1474,9 @@ impl Execution<'_> {
         Ok(self.run.status)
     }
 
-    /// References for the job's distribution users and for every user whose own item succeeded;
-    /// then the optional delivery to the distribution users.
+    /// References for the job's distribution users and, unless every chunk has handed out its
+    /// own already ([`Execution::reference`]), for every user whose own item succeeded; then
+    /// the optional delivery to the distribution users.
     async fn distribute(&self) -> Result<Option<String>, Error> {
         let ports = self.ports().clone();
         let now = ports.clock.now();
@@ -1342,6 +1484,7 @@ impl Execution<'_> {
         // reference per run however often it is added.
         let mut users: Vec<UserId> = self.job.distribution.users.clone();
         let mut after = None;
+        let page_through = self.referenced != Some(true);
         loop {
             users.sort();
             users.dedup();
@@ -1350,6 +1493,9 @@ impl Execution<'_> {
                     .contexts
                     .add_references(&self.job.tenant, &self.job.id, &self.run.id, &users, now)
                     .await?;
+            }
+            if !page_through {
+                break;
             }
             let page = ports
                 .runs

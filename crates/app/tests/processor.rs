@@ -213,6 +213,87 @@ async fn individual_users_one_request_per_valid_user() {
     assert_eq!(world.runs.outcome_writes(), 1);
 }
 
+impl World {
+    /// How many references to runs `user` of acme holds.
+    async fn references_of(&self, user: &str) -> usize {
+        self.runs
+            .references(
+                &TenantId::parse("acme").unwrap(),
+                &UserId::parse(user).unwrap(),
+                None,
+                10,
+            )
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+#[tokio::test]
+async fn a_user_receives_the_run_as_soon_as_their_item_succeeds() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({"execution": {"concurrency": 1, "chunk_size": 1}}));
+    let processor = world.processor("p1");
+    let run = start_manual(&processor, &job).await;
+    let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+    assert_eq!(execution.run_next_chunk().await.unwrap(), Step::Worked(1));
+    assert_eq!(
+        (
+            world.references_of("u0000").await,
+            world.references_of("u0001").await
+        ),
+        (1, 0)
+    );
+    assert_eq!(
+        execution.run_to_completion().await.unwrap(),
+        RunStatus::Succeeded
+    );
+    for user in ["u0000", "u0001", "u0002"] {
+        assert_eq!(world.references_of(user).await, 1, "{user}");
+    }
+    // Every chunk handed out its own: the end of the run read no item again.
+    assert_eq!(world.runs.item_pages(), 0);
+}
+
+#[tokio::test]
+async fn references_a_chunk_could_not_hand_out_are_handed_out_at_the_end() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    world.runs.fail_next_references(1);
+    let (run, _) = run_job(&world, &job(json!({}))).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    for user in ["u0000", "u0001", "u0002"] {
+        assert_eq!(world.references_of(user).await, 1, "{user}");
+    }
+}
+
+#[tokio::test]
+async fn a_resumed_run_hands_out_the_references_its_first_execution_left() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({"execution": {"concurrency": 1, "chunk_size": 1}}));
+    let first = world.processor("p1");
+    let run = start_manual(&first, &job).await;
+    let mut execution = first.open(&job, &run.id).await.unwrap().unwrap();
+    // The first chunk is recorded but its reference is not handed out, and the processor
+    // stops for good.
+    world.runs.fail_next_references(1);
+    assert_eq!(execution.run_next_chunk().await.unwrap(), Step::Worked(1));
+    drop(execution);
+    world.runs.expire_leases();
+    assert_eq!(world.references_of("u0000").await, 0);
+    let second = world.processor("p2");
+    let mut execution = second.open(&job, &run.id).await.unwrap().unwrap();
+    assert_eq!(
+        execution.run_to_completion().await.unwrap(),
+        RunStatus::Succeeded
+    );
+    for user in ["u0000", "u0001", "u0002"] {
+        assert_eq!(world.references_of(user).await, 1, "{user}");
+    }
+}
+
 #[tokio::test]
 async fn batch_users_one_request_for_the_whole_set() {
     let world = World::new(Behaviour::default());
@@ -528,6 +609,42 @@ async fn the_next_chunk_starts_while_the_current_one_still_has_a_request_in_flig
     assert!(world.executor.max_in_flight() <= 4);
     let calls = world.executor.calls();
     assert_eq!(calls.len(), 12, "every item called once");
+}
+
+#[tokio::test]
+async fn claims_and_requests_go_on_while_a_chunk_is_being_recorded() {
+    // Every outcome write is held: the run's claims and requests must not wait for it. With
+    // the record taking its turn between claims, no more than the chunks claimed ahead of the
+    // first (6 items here) could be called before the first write answered.
+    let world = World::new(Behaviour::default());
+    world.with_users(20);
+    let job = many(
+        20,
+        json!({"execution": {"concurrency": 1, "chunk_size": 2}}),
+    );
+    let processor = world.processor("p1");
+    let run = start_manual(&processor, &job).await;
+    world.runs.hold_writes(true);
+    let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+    let finished = async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        while world.executor.calls().len() < 20 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} items were called while the first chunk was being recorded",
+                world.executor.calls().len()
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(world.runs.outcome_writes(), 0, "the writes are held");
+        world.runs.hold_writes(false);
+    };
+    let (status, ()) = tokio::join!(execution.run_to_completion(), finished);
+    assert_eq!(status.unwrap(), RunStatus::Succeeded);
+    let items = world.runs.items_of(&run.id);
+    assert!(items.iter().all(|i| i.status == ItemStatus::Succeeded));
+    // One write per chunk, recorded in turn.
+    assert_eq!(world.runs.outcome_writes(), 10);
 }
 
 #[tokio::test]

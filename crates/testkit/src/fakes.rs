@@ -235,6 +235,10 @@ pub struct MemoryRuns {
     schedule_calls: AtomicUsize,
     failing_writes: AtomicUsize,
     failing_claims: AtomicUsize,
+    failing_references: AtomicUsize,
+    item_pages: AtomicUsize,
+    writes_held: AtomicBool,
+    writes_released: tokio::sync::Notify,
 }
 
 fn take_failure(counter: &AtomicUsize, what: &str) -> Result<(), StoreError> {
@@ -254,9 +258,40 @@ impl MemoryRuns {
         self.failing_writes.store(n, Ordering::SeqCst);
     }
 
+    /// Holds every outcome write (`true`) until released (`false`), as a slow database would;
+    /// everything else goes on meanwhile.
+    pub fn hold_writes(&self, held: bool) {
+        self.writes_held.store(held, Ordering::SeqCst);
+        if !held {
+            self.writes_released.notify_waiters();
+        }
+    }
+
+    async fn while_writes_held(&self) {
+        loop {
+            // Created before the test, so a release in between is not missed.
+            let released = self.writes_released.notified();
+            if !self.writes_held.load(Ordering::SeqCst) {
+                return;
+            }
+            released.await;
+        }
+    }
+
     /// The next `n` item claims answer [`StoreError::Unavailable`] and claim nothing.
     pub fn fail_next_claims(&self, n: usize) {
         self.failing_claims.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` calls to `add_references` fail (not as unavailable: at once) and add
+    /// nothing.
+    pub fn fail_next_references(&self, n: usize) {
+        self.failing_references.store(n, Ordering::SeqCst);
+    }
+
+    /// How many pages of items `list_items` has answered.
+    pub fn item_pages(&self) -> usize {
+        self.item_pages.load(Ordering::SeqCst)
     }
 
     /// How many times outcomes were written (one per chunk when the processor behaves).
@@ -741,6 +776,7 @@ impl RunStore for MemoryRuns {
         outcomes: &[ItemOutcome],
         _now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        self.while_writes_held().await;
         self.outcome_writes.fetch_add(1, Ordering::SeqCst);
         take_failure(&self.failing_writes, "recording outcomes")?;
         let mut state = lock(&self.state);
@@ -849,6 +885,7 @@ impl RunStore for MemoryRuns {
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError> {
         self.run(tenant, run).await?;
+        self.item_pages.fetch_add(1, Ordering::SeqCst);
         let state = lock(&self.state);
         Ok(state
             .items
@@ -972,6 +1009,15 @@ impl ContextStore for MemoryRuns {
         users: &[UserId],
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
+        if self
+            .failing_references
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Unexpected(
+                "adding references: failure injected by the test".to_owned(),
+            ));
+        }
         let mut state = lock(&self.state);
         let mut added = 0;
         for user in users {
