@@ -730,8 +730,8 @@ type Executed = (ItemRecord, Attempted, Value);
 /// on claiming and executing while it runs.
 type Recording<'p> = Pin<Box<dyn Future<Output = Result<Recorded, Error>> + Send + 'p>>;
 
-/// One executed chunk on its way to the store: its outcomes, worked out when its last item
-/// answered, and what writing them needs.
+/// One executed chunk on its way to the store: its outcomes, worked out when its recording
+/// starts, and what writing them needs.
 struct ChunkRecord<'p> {
     processor: &'p BatchProcessor,
     run: RunRecord,
@@ -741,6 +741,8 @@ struct ChunkRecord<'p> {
     users: Vec<UserId>,
     /// The run's counts before this chunk; `None` for an execution's first chunk.
     counts: Option<batch_domain::run::ItemCounts>,
+    /// [`Execution::referenced`] before this chunk.
+    referenced: Option<bool>,
     notes: Vec<String>,
     now: DateTime<Utc>,
 }
@@ -753,6 +755,8 @@ struct Recorded {
     none_before: Option<bool>,
     /// Whether the chunk's users received the run's reference.
     referenced: bool,
+    /// [`Execution::referenced`] before this chunk.
+    referenced_before: Option<bool>,
 }
 
 impl ChunkRecord<'_> {
@@ -793,10 +797,17 @@ impl ChunkRecord<'_> {
                 }
                 let progress = progress(&counts);
                 let tenant = &self.run.tenant;
-                while_unavailable(&ports.clock, run_id, "saving progress", patience, || {
-                    ports.contexts.save_progress(tenant, run_id, &progress, now)
-                })
-                .await?;
+                // The outcomes are recorded: a progress that could not be saved is only late
+                // (the next chunk saves it again, the end of the run writes exact counts), and
+                // the counts must go on from this chunk's.
+                let saved =
+                    while_unavailable(&ports.clock, run_id, "saving progress", patience, || {
+                        ports.contexts.save_progress(tenant, run_id, &progress, now)
+                    })
+                    .await;
+                if let Err(e) = saved {
+                    tracing::warn!(run = %run_id, error = %e, "the progress of a chunk was not saved");
+                }
                 (counts, None)
             }
             None => {
@@ -820,6 +831,7 @@ impl ChunkRecord<'_> {
             counts,
             none_before,
             referenced,
+            referenced_before: self.referenced,
         })
     }
 
@@ -1000,9 +1012,9 @@ impl<'p> Execution<'p> {
     }
 
     /// One step of at most `max_chunks` chunks, pipelined: the next chunk is claimed while the
-    /// current one's last requests are in flight, and a chunk is recorded as soon as its last
-    /// request answered, while later chunks execute, so the concurrency limit stays full across
-    /// chunk boundaries. Claiming stops when `stop` turns true or the run is cancelled; the
+    /// current one's last requests are in flight, and a chunk is recorded once its last request
+    /// answered (after the chunks that ended before it), while later chunks are claimed and
+    /// execute, so the concurrency limit stays full across chunk boundaries. Claiming stops when `stop` turns true or the run is cancelled; the
     /// chunks in flight are finished and recorded before the step returns.
     async fn step(
         &mut self,
@@ -1091,7 +1103,14 @@ impl<'p> Execution<'p> {
             if recording.is_none()
                 && let Some(done) = unrecorded.pop_front()
             {
-                recording = Some(Box::pin(self.chunk_record(done).write()));
+                let record = self.chunk_record(done);
+                // Until the recording says otherwise, this chunk's users may lack the run's
+                // reference: a recording that fails half-way leaves the end of the run to
+                // page through the succeeded items.
+                if !record.users.is_empty() {
+                    self.referenced = Some(false);
+                }
+                recording = Some(Box::pin(record.write()));
             }
             let cancelled = self.processor.is_cancelled(&run_id);
             let stopping = stop.as_ref().is_some_and(|s| *s.borrow());
@@ -1140,7 +1159,9 @@ impl<'p> Execution<'p> {
                     Ok(None) => claiming = false,
                     // With items in flight or unrecorded, a failed claim waits for the next
                     // step: the items' results are recorded first.
-                    Err(e) if !flight.is_empty() || recording.is_some() => {
+                    Err(e)
+                        if !flight.is_empty() || recording.is_some() || !unrecorded.is_empty() =>
+                    {
                         tracing::warn!(run = %run_id, error = %e, "claiming ahead failed");
                         claiming = false;
                     }
@@ -1286,6 +1307,7 @@ impl<'p> Execution<'p> {
             outcomes,
             users,
             counts: self.counts,
+            referenced: self.referenced,
             notes: self.notes.clone(),
             now,
         }
@@ -1295,12 +1317,12 @@ impl<'p> Execution<'p> {
     /// still all handed out.
     fn apply(&mut self, recorded: Recorded) {
         self.counts = Some(recorded.counts);
-        if let Some(none_before) = recorded.none_before {
-            self.referenced = Some(none_before);
-        }
-        if !recorded.referenced {
-            self.referenced = Some(false);
-        }
+        self.referenced = match recorded.none_before {
+            Some(none_before) => Some(none_before && recorded.referenced),
+            None => recorded
+                .referenced_before
+                .map(|all| all && recorded.referenced),
+        };
     }
 
     /// Builds the request of one item: the template is the item's preference override or the
@@ -1475,7 +1497,7 @@ impl<'p> Execution<'p> {
     }
 
     /// References for the job's distribution users and, unless every chunk has handed out its
-    /// own already ([`Execution::reference`]), for every user whose own item succeeded; then
+    /// own already ([`ChunkRecord::reference`]), for every user whose own item succeeded; then
     /// the optional delivery to the distribution users.
     async fn distribute(&self) -> Result<Option<String>, Error> {
         let ports = self.ports().clone();

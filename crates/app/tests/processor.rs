@@ -258,13 +258,29 @@ async fn a_user_receives_the_run_as_soon_as_their_item_succeeds() {
 
 #[tokio::test]
 async fn references_a_chunk_could_not_hand_out_are_handed_out_at_the_end() {
-    let world = World::new(Behaviour::default());
-    world.with_users(3);
-    world.runs.fail_next_references(1);
-    let (run, _) = run_job(&world, &job(json!({}))).await;
-    assert_eq!(run.status, RunStatus::Succeeded);
-    for user in ["u0000", "u0001", "u0002"] {
-        assert_eq!(world.references_of(user).await, 1, "{user}");
+    // Whichever chunk's references fail, first, middle or last.
+    for failing in 0..3 {
+        let world = World::new(Behaviour::default());
+        world.with_users(3);
+        let job = job(json!({"execution": {"concurrency": 1, "chunk_size": 1}}));
+        let processor = world.processor("p1");
+        let run = start_manual(&processor, &job).await;
+        let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
+        for _ in 0..failing {
+            assert_eq!(execution.run_next_chunk().await.unwrap(), Step::Worked(1));
+        }
+        world.runs.fail_next_references(1);
+        assert_eq!(
+            execution.run_to_completion().await.unwrap(),
+            RunStatus::Succeeded
+        );
+        for user in ["u0000", "u0001", "u0002"] {
+            assert_eq!(
+                world.references_of(user).await,
+                1,
+                "chunk {failing}: {user}"
+            );
+        }
     }
 }
 
@@ -627,14 +643,14 @@ async fn claims_and_requests_go_on_while_a_chunk_is_being_recorded() {
     world.runs.hold_writes(true);
     let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
     let finished = async {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         while world.executor.calls().len() < 20 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "only {} items were called while the first chunk was being recorded",
                 world.executor.calls().len()
             );
-            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         assert_eq!(world.runs.outcome_writes(), 0, "the writes are held");
         world.runs.hold_writes(false);

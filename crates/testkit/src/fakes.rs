@@ -269,7 +269,7 @@ impl MemoryRuns {
 
     async fn while_writes_held(&self) {
         loop {
-            // Created before the test, so a release in between is not missed.
+            // Created before the flag is read, so a release in between is not missed.
             let released = self.writes_released.notified();
             if !self.writes_held.load(Ordering::SeqCst) {
                 return;
