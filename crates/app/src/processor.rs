@@ -1073,7 +1073,8 @@ impl<'p> Execution<'p> {
     /// limit of items claimed ahead (so a slow claim or record does not starve the requests),
     /// and records each chunk when its last item answered. Recording runs beside the claims
     /// (one chunk at a time, in the order the chunks ended, so progress only grows): the two
-    /// round trips to the store overlap instead of taking turns. Returns how many items were
+    /// round trips to the store overlap instead of taking turns. Chunks waiting to be recorded
+    /// are bounded like the items claimed ahead. Returns how many items were
     /// executed and recorded: 0 when nothing was due (or the run is cancelled or stopping).
     async fn fly(
         &mut self,
@@ -1118,11 +1119,17 @@ impl<'p> Execution<'p> {
                 let clock = clock.clone();
                 deadline = Some(Box::pin(async move { clock.sleep(grace).await }));
             }
+            // Chunks waiting to be recorded count against claiming too: when the store records
+            // more slowly than the requests answer, claims wait for it rather than lease ever
+            // more items (whose lease renewals would then slow the store down further).
+            let ahead = chunk_size + 2 * concurrency;
+            let backlog: usize = unrecorded.iter().map(Vec::len).sum();
             if claiming
                 && !cancelled
                 && !stopping
                 && claimed < max_chunks
-                && flight.len() < chunk_size + 2 * concurrency
+                && flight.len() < ahead
+                && backlog < ahead
             {
                 // With nothing in flight or unrecorded, items still leased to this processor
                 // are leftovers of a step that failed with requests in flight.
@@ -1236,7 +1243,7 @@ impl<'p> Execution<'p> {
             let cancel_requested = self
                 .ports()
                 .runs
-                .renew_lease(
+                .renew_run_lease(
                     run_id,
                     owner,
                     now + chrono_duration(self.processor.settings.run_lease),

@@ -349,6 +349,21 @@ pub trait RunStore: Send + Sync {
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
+    /// Extends `owner`'s lease on `run` to `until` like [`RunStore::renew_lease`], without
+    /// touching the items' leases: for renewals made often (at claims), while a heartbeat
+    /// renews the items now and then. The default renews both.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease.
+    async fn renew_run_lease(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.renew_lease(run, owner, until).await
+    }
+
     /// Asks `run` to stop; its owner sees the request at its next lease renewal. Any replica
     /// may ask.
     ///

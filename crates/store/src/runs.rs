@@ -31,17 +31,54 @@ const OUTCOME_ROWS: usize = 1_000;
 /// little.
 const SQLITE_PARAMETERS: usize = 512;
 
-impl Store {
-    /// Rows of `width` parameters per multi-row statement on this backend, at most `most`.
-    fn rows_per_statement(&self, width: usize, most: usize) -> usize {
-        match self.db.get_database_backend() {
-            sea_orm::DatabaseBackend::Sqlite => (SQLITE_PARAMETERS / width).clamp(1, most),
-            _ => most,
-        }
+/// Rows of `width` parameters per multi-row statement on `backend`, at most `most`.
+fn rows_per_statement(backend: DbBackend, width: usize, most: usize) -> usize {
+    match backend {
+        DbBackend::Sqlite => (SQLITE_PARAMETERS / width).clamp(1, most),
+        _ => most,
     }
 }
 
 impl Store {
+    /// Extends `owner`'s lease on `run` to `until` and, with `items`, the leases of the items
+    /// it holds; returns whether a cancel was requested.
+    async fn renew(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+        items: bool,
+    ) -> Result<bool, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "UPDATE runs SET lease_expires_ms = $3 \
+                 WHERE id = $1 AND lease_owner = $2 AND status IN ('queued', 'running') \
+                 RETURNING cancel_requested",
+                vec![text(run.as_str()), text(owner), big(millis(until))],
+            ))
+            .await
+            .map_err(db_error)?;
+        if items && row.is_some() {
+            // Items claimed in a chunk still running stay leased while the run is.
+            self.db
+                .execute_raw(self.statement(
+                    "UPDATE run_items SET lease_expires_ms = $3 \
+                     WHERE run_id = $1 AND lease_owner = $2 AND status = 'pending' \
+                       AND lease_expires_ms < $3",
+                    vec![text(run.as_str()), text(owner), big(millis(until))],
+                ))
+                .await
+                .map_err(db_error)?;
+        }
+        match row {
+            Some(row) => row.try_get("", "cancel_requested").map_err(db_error),
+            None => Err(StoreError::LeaseLost(format!(
+                "{owner} does not hold the lease on run {run}"
+            ))),
+        }
+    }
+
     /// Inserts the row of `run` (status `queued`) and links its occurrence.
     async fn insert_run(
         &self,
@@ -80,69 +117,117 @@ impl Store {
         }
         Ok(())
     }
-
-    /// Inserts `items` of `run` at positions `after + 1`, `after + 2`, …, in multi-row
-    /// statements.
-    async fn insert_items(
-        &self,
-        conn: &impl ConnectionTrait,
-        run: &NewRun,
-        after: i64,
-        items: &[NewItem],
-    ) -> Result<(), StoreError> {
-        let now = millis(run.created_at);
-        let mut seq = after;
-        for chunk in items.chunks(self.rows_per_statement(8, INSERT_ROWS)) {
-            let sql = format!(
-                "INSERT INTO run_items (run_id, seq, item_key, user_id, tenant, status, payload, updated_ms) VALUES {}",
-                placeholders(chunk.len(), 8, 1)
-            );
-            let mut values = Vec::with_capacity(chunk.len() * 8);
-            for item in chunk {
-                seq += 1;
-                values.extend([
-                    text(run.id.as_str()),
-                    big(seq),
-                    text(item.key.clone()),
-                    optional_text(item.user.as_ref().map(|u| u.as_str().to_owned())),
-                    text(run.tenant.as_str()),
-                    text(item.status.as_str()),
-                    json(Some(item.payload.clone())),
-                    big(now),
-                ]);
-            }
-            conn.execute_raw(self.statement(&sql, values))
-                .await
-                .map_err(db_error)?;
-        }
-        Ok(())
-    }
 }
 
-/// A run drafted inside an open transaction: each page is inserted as it comes, so memory
-/// stays bounded by a page whatever the run's size (PostgreSQL).
-struct StreamedDraft<'s> {
-    store: &'s Store,
-    txn: DatabaseTransaction,
-    run: NewRun,
-    /// Items inserted so far: the position of the last one.
-    written: i64,
-    /// One of the `STREAMED_DRAFTS`, given back when the draft ends.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+/// Inserts `items` of `run` at positions `after + 1`, `after + 2`, …, in multi-row
+/// statements.
+async fn insert_items(
+    backend: DbBackend,
+    conn: &impl ConnectionTrait,
+    run: &NewRun,
+    after: i64,
+    items: &[NewItem],
+) -> Result<(), StoreError> {
+    let now = millis(run.created_at);
+    let mut seq = after;
+    for chunk in items.chunks(rows_per_statement(backend, 8, INSERT_ROWS)) {
+        let sql = format!(
+            "INSERT INTO run_items (run_id, seq, item_key, user_id, tenant, status, payload, updated_ms) VALUES {}",
+            placeholders(chunk.len(), 8, 1)
+        );
+        let mut values = Vec::with_capacity(chunk.len() * 8);
+        for item in chunk {
+            seq += 1;
+            values.extend([
+                text(run.id.as_str()),
+                big(seq),
+                text(item.key.clone()),
+                optional_text(item.user.as_ref().map(|u| u.as_str().to_owned())),
+                text(run.tenant.as_str()),
+                text(item.status.as_str()),
+                json(Some(item.payload.clone())),
+                big(now),
+            ]);
+        }
+        conn.execute_raw(sea_orm::Statement::from_sql_and_values(
+            backend, &sql, values,
+        ))
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// A run drafted inside an open transaction (PostgreSQL): a writer task owns the transaction
+/// and inserts each page while the strategy reads the next, so preparing takes about the
+/// longer of reading and writing rather than both. At most one page waits for the writer, so
+/// memory stays bounded by a few pages whatever the run's size.
+struct StreamedDraft {
+    /// Pages for the writer; `None` once it has stopped.
+    pages: Option<tokio::sync::mpsc::Sender<Vec<NewItem>>>,
+    /// The writer: it hands the transaction back once the pages end, or says why it stopped.
+    writer: Option<tokio::task::JoinHandle<Result<DatabaseTransaction, StoreError>>>,
+}
+
+impl StreamedDraft {
+    /// Starts the writer of `run`, whose row `txn` holds; `permit` is given back when the
+    /// writer ends.
+    fn start(
+        backend: DbBackend,
+        txn: DatabaseTransaction,
+        run: NewRun,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> StreamedDraft {
+        let (pages, mut next) = tokio::sync::mpsc::channel::<Vec<NewItem>>(1);
+        let writer = tokio::spawn(async move {
+            let _permit = permit;
+            let mut written = 0i64;
+            while let Some(items) = next.recv().await {
+                insert_items(backend, &txn, &run, written, &items).await?;
+                written += i64::try_from(items.len()).unwrap_or(i64::MAX);
+            }
+            Ok(txn)
+        });
+        StreamedDraft {
+            pages: Some(pages),
+            writer: Some(writer),
+        }
+    }
+
+    /// Waits for the writer to end (its pages closed): the transaction, or why it stopped.
+    async fn written(&mut self) -> Result<DatabaseTransaction, StoreError> {
+        self.pages = None;
+        let writer = self.writer.take().ok_or_else(|| {
+            StoreError::Unexpected("the run's draft was already ended".to_owned())
+        })?;
+        writer
+            .await
+            .map_err(|e| StoreError::Unexpected(format!("the run's draft writer failed: {e}")))?
+    }
 }
 
 #[async_trait]
-impl RunDraft for StreamedDraft<'_> {
+impl RunDraft for StreamedDraft {
     async fn append(&mut self, items: Vec<NewItem>) -> Result<(), StoreError> {
-        self.store
-            .insert_items(&self.txn, &self.run, self.written, &items)
-            .await?;
-        self.written += i64::try_from(items.len()).unwrap_or(i64::MAX);
+        let Some(pages) = &self.pages else {
+            return Err(StoreError::Unexpected(
+                "the run's draft was already ended".to_owned(),
+            ));
+        };
+        if pages.send(items).await.is_err() {
+            // The writer stopped on an error: that error is the answer.
+            return match self.written().await {
+                Err(e) => Err(e),
+                Ok(_) => Err(StoreError::Unexpected(
+                    "the run's draft writer stopped early".to_owned(),
+                )),
+            };
+        }
         Ok(())
     }
 
-    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.txn.commit().await.map_err(db_error)
+    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.written().await?.commit().await.map_err(db_error)
     }
 }
 
@@ -165,9 +250,7 @@ impl RunDraft for BufferedDraft<'_> {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let txn = self.store.db.begin().await.map_err(db_error)?;
         self.store.insert_run(&txn, &self.run).await?;
-        self.store
-            .insert_items(&txn, &self.run, 0, &self.items)
-            .await?;
+        insert_items(self.store.backend(), &txn, &self.run, 0, &self.items).await?;
         txn.commit().await.map_err(db_error)
     }
 }
@@ -323,13 +406,12 @@ impl RunStore for Store {
         };
         let txn = self.db.begin().await.map_err(db_error)?;
         self.insert_run(&txn, &run).await?;
-        Ok(Box::new(StreamedDraft {
-            store: self,
+        Ok(Box::new(StreamedDraft::start(
+            self.backend(),
             txn,
             run,
-            written: 0,
-            _permit: permit,
-        }))
+            permit,
+        )))
     }
 
     async fn claim_runs(
@@ -511,34 +593,18 @@ impl RunStore for Store {
         owner: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let row = self
-            .db
-            .query_one_raw(self.statement(
-                "UPDATE runs SET lease_expires_ms = $3 \
-                 WHERE id = $1 AND lease_owner = $2 AND status IN ('queued', 'running') \
-                 RETURNING cancel_requested",
-                vec![text(run.as_str()), text(owner), big(millis(until))],
-            ))
-            .await
-            .map_err(db_error)?;
-        if row.is_some() {
-            // Items claimed in a chunk still running stay leased while the run is.
-            self.db
-                .execute_raw(self.statement(
-                    "UPDATE run_items SET lease_expires_ms = $3 \
-                     WHERE run_id = $1 AND lease_owner = $2 AND status = 'pending' \
-                       AND lease_expires_ms < $3",
-                    vec![text(run.as_str()), text(owner), big(millis(until))],
-                ))
-                .await
-                .map_err(db_error)?;
-        }
-        match row {
-            Some(row) => row.try_get("", "cancel_requested").map_err(db_error),
-            None => Err(StoreError::LeaseLost(format!(
-                "{owner} does not hold the lease on run {run}"
-            ))),
-        }
+        self.renew(run, owner, until, true).await
+    }
+
+    async fn renew_run_lease(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        // The items' renewal steps over every pending item of the run (30 ms at 100 000):
+        // left to the heartbeat.
+        self.renew(run, owner, until, false).await
     }
 
     async fn request_cancel(&self, run: &RunId) -> Result<(), StoreError> {
@@ -552,7 +618,6 @@ impl RunStore for Store {
             .map_err(db_error)?;
         Ok(())
     }
-
     async fn active_runs(&self, job: &JobId) -> Result<Vec<RunRecord>, StoreError> {
         let sql = format!(
             "SELECT {RUN_COLUMNS} FROM runs \
@@ -675,7 +740,7 @@ impl RunStore for Store {
     ) -> Result<(), StoreError> {
         let txn = self.db.begin().await.map_err(db_error)?;
         let postgres = self.backend() == DbBackend::Postgres;
-        for chunk in outcomes.chunks(self.rows_per_statement(7, OUTCOME_ROWS)) {
+        for chunk in outcomes.chunks(rows_per_statement(self.backend(), 7, OUTCOME_ROWS)) {
             // VALUES columns are named column1, column2, … on both backends. The lease test
             // fences off a claimer whose lease was taken over: it updates fewer rows than it
             // sent, and the transaction is rolled back.

@@ -1389,6 +1389,35 @@ async fn serial_runs_of_different_groups_run_side_by_side(backend: Backend) {
     );
 }
 
+async fn a_run_lease_renewal_leaves_the_item_leases_alone(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
+        return;
+    };
+    seed_run(&store, 2).await;
+    let run = RunId::parse("r1").unwrap();
+    store
+        .claim_run(&run, "a", t0(), t0() + Duration::seconds(30), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let item_lease = t0() + Duration::seconds(40);
+    let chunk = store
+        .claim_items(&run, "a", t0(), item_lease, 2, false, 0)
+        .await
+        .unwrap();
+    assert_eq!(chunk.len(), 2);
+    let later = t0() + Duration::seconds(100);
+    assert!(!store.renew_run_lease(&run, "a", later).await.unwrap());
+    assert_eq!(store.next_due(&run).await.unwrap(), Some(item_lease));
+    // The heartbeat's renewal takes the items along.
+    assert!(!store.renew_lease(&run, "a", later).await.unwrap());
+    assert_eq!(store.next_due(&run).await.unwrap(), Some(later));
+    assert!(matches!(
+        store.renew_run_lease(&run, "b", later).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+}
+
 async fn a_heartbeat_keeps_the_chunk_items_leased(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
@@ -1918,6 +1947,7 @@ contract_suite!(
     the_global_limit_holds_across_concurrent_claimers,
     serial_runs_of_different_groups_run_side_by_side,
     a_heartbeat_keeps_the_chunk_items_leased,
+    a_run_lease_renewal_leaves_the_item_leases_alone,
     pauses_are_shared_and_schedule_states_are_read_one_by_one,
     runs_are_listed_newest_first_filtered_and_paged,
     job_definitions_sync_from_the_file_and_change_through_the_api,
