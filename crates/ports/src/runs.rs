@@ -202,11 +202,15 @@ pub enum Occurrence {
 /// all of them when [`RunDraft::commit`] succeeds. Dropping a draft abandons the run.
 #[async_trait]
 pub trait RunDraft: Send {
-    /// Adds `items` after those added before (their positions follow on).
+    /// Adds `items` after those added before (their positions follow on). A draft may write
+    /// its pages behind the caller's back, so an error about one page (a key the run has
+    /// already, say) can come from a later `append` or from `commit`; the draft is spoiled
+    /// either way. Not cancel-safe: an `append` dropped before it answers may lose its page, so
+    /// drop the draft with it.
     ///
     /// # Errors
-    /// [`StoreError::Unexpected`] for an item key the run has already (the draft is then
-    /// spoiled: drop it); [`StoreError::Unavailable`] when the database cannot be reached.
+    /// An error of the store for an item key the run has already (the draft is then spoiled:
+    /// drop it); [`StoreError::Unavailable`] when the database cannot be reached.
     async fn append(&mut self, items: Vec<NewItem>) -> Result<(), StoreError>;
 
     /// Makes the run and every item appended visible, atomically.

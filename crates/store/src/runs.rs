@@ -206,6 +206,16 @@ impl StreamedDraft {
     }
 }
 
+impl Drop for StreamedDraft {
+    /// A draft dropped before its commit stops its writer at once, so the transaction is rolled
+    /// back and its connection and row locks let go without inserting the pages still queued.
+    fn drop(&mut self) {
+        if let Some(writer) = &self.writer {
+            writer.abort();
+        }
+    }
+}
+
 #[async_trait]
 impl RunDraft for StreamedDraft {
     async fn append(&mut self, items: Vec<NewItem>) -> Result<(), StoreError> {

@@ -1722,10 +1722,14 @@ async fn a_run_drafted_in_pages_appears_whole_at_commit(backend: Backend) {
         store.run(&acme, &dropped).await,
         Err(StoreError::NotFound(_))
     ));
-    store
-        .create_run(new_run("r2", "acme", t0()), items(1))
-        .await
-        .unwrap();
+    // The dropped draft's transaction is rolled back, not left holding its row's lock.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        store.create_run(new_run("r2", "acme", t0()), items(1)),
+    )
+    .await
+    .expect("the dropped draft still holds its run's row")
+    .unwrap();
     assert_eq!(store.counts(&dropped).await.unwrap().pending, 1);
 
     // A key twice across pages spoils the draft: nothing is written.

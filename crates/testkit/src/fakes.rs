@@ -278,6 +278,46 @@ impl MemoryRuns {
         }
     }
 
+    /// The store's lease renewal: the run's and, with `items`, the leases its owner holds on
+    /// the run's pending items.
+    fn renew(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+        items: bool,
+    ) -> Result<bool, StoreError> {
+        let mut state = lock(&self.state);
+        match state.runs.get_mut(run) {
+            Some(r)
+                if !r.status.is_terminal()
+                    && r.lease.as_ref().is_some_and(|l| l.owner == owner) =>
+            {
+                r.lease = Some(Lease {
+                    owner: owner.to_owned(),
+                    expires_at: until,
+                });
+                let cancel_requested = r.cancel_requested;
+                let items = if items {
+                    state.items.get_mut(run)
+                } else {
+                    None
+                };
+                for (item, lease) in items.into_iter().flatten() {
+                    if let Some(lease) = lease
+                        && item.status == ItemStatus::Pending
+                        && lease.owner == owner
+                        && lease.expires_at < until
+                    {
+                        lease.expires_at = until;
+                    }
+                }
+                Ok(cancel_requested)
+            }
+            _ => Err(lost(owner, run)),
+        }
+    }
+
     /// The next `n` item claims answer [`StoreError::Unavailable`] and claim nothing.
     pub fn fail_next_claims(&self, n: usize) {
         self.failing_claims.store(n, Ordering::SeqCst);
@@ -654,30 +694,16 @@ impl RunStore for MemoryRuns {
         owner: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let mut state = lock(&self.state);
-        match state.runs.get_mut(run) {
-            Some(r)
-                if !r.status.is_terminal()
-                    && r.lease.as_ref().is_some_and(|l| l.owner == owner) =>
-            {
-                r.lease = Some(Lease {
-                    owner: owner.to_owned(),
-                    expires_at: until,
-                });
-                let cancel_requested = r.cancel_requested;
-                for (item, lease) in state.items.get_mut(run).into_iter().flatten() {
-                    if let Some(lease) = lease
-                        && item.status == ItemStatus::Pending
-                        && lease.owner == owner
-                        && lease.expires_at < until
-                    {
-                        lease.expires_at = until;
-                    }
-                }
-                Ok(cancel_requested)
-            }
-            _ => Err(lost(owner, run)),
-        }
+        self.renew(run, owner, until, true)
+    }
+
+    async fn renew_run_lease(
+        &self,
+        run: &RunId,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.renew(run, owner, until, false)
     }
 
     async fn request_cancel(&self, run: &RunId) -> Result<(), StoreError> {
