@@ -1239,6 +1239,9 @@ impl<'p> Execution<'p> {
     ) -> Result<Option<Vec<ItemRecord>>, Error> {
         let now = self.ports().clock.now();
         let renew_every = chrono_duration(RENEW_EVERY);
+        // The run alone: renewing the items steps over every pending item of the run, and the
+        // heartbeat renews them every third of the run lease (an item's lease is at least a
+        // run lease long).
         if renewed_at.is_none_or(|at| now - at >= renew_every) {
             let cancel_requested = self
                 .ports()
