@@ -877,8 +877,6 @@ impl BatchScheduler {
             }))
     }
 
-    /// Creates the occurrence of `job` at `nominal` for `group` and its run, exactly once:
-    /// returns the run when this call created it, `None` when it existed.
     /// Fires `nominal` of the schedule `key` (its occurrence and run) and reports it.
     async fn fire_one(
         &self,
@@ -906,6 +904,8 @@ impl BatchScheduler {
         Ok(())
     }
 
+    /// Creates the occurrence of `job` at `nominal` for `group` and its run, exactly once:
+    /// returns the run when this call created it, `None` when it existed.
     async fn occur(
         &self,
         job: &Job,
