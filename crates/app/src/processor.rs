@@ -114,6 +114,11 @@ pub struct BatchProcessor {
     contexts: ContextManager,
     settings: ProcessorSettings,
     cancelled: Mutex<HashSet<RunId>>,
+    /// The runs an [`Execution`] of this processor holds. Another slot of the same processor
+    /// (the same lease owner) must not open a second one when the run's lease lapses under a
+    /// live execution (a heartbeat late on a loaded machine): the second would take the
+    /// first's items, leased to the same owner, and make their requests again.
+    executing: Mutex<HashSet<RunId>>,
     /// Bumped on every cancel, so executions waiting on requests notice at once.
     cancel_signal: watch::Sender<u64>,
     watchers: Mutex<HashMap<RunId, watch::Sender<Option<ProgressEvent>>>>,
@@ -136,6 +141,7 @@ impl BatchProcessor {
             strategies,
             settings,
             cancelled: Mutex::new(HashSet::new()),
+            executing: Mutex::new(HashSet::new()),
             cancel_signal: watch::channel(0).0,
             watchers: Mutex::new(HashMap::new()),
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
@@ -325,6 +331,9 @@ impl BatchProcessor {
     /// # Errors
     /// [`Error::Store`] when the store fails.
     pub async fn open(&self, job: &Job, run: &RunId) -> Result<Option<Execution<'_>>, Error> {
+        if lock(&self.executing).contains(run) {
+            return Ok(None);
+        }
         let now = self.ports.clock.now();
         let Some(record) = self
             .ports
@@ -388,6 +397,9 @@ impl BatchProcessor {
         let lease_until = now + chrono_duration(self.settings.run_lease);
         for index in fair_order(&waiting, &load, now, aging) {
             let candidate = &candidates[index];
+            if lock(&self.executing).contains(&candidate.id) {
+                continue;
+            }
             // Another replica may have taken it meanwhile: then try the next.
             if let Some(record) = self
                 .ports
@@ -500,6 +512,14 @@ impl BatchProcessor {
             }
         };
         let limits = job.execution;
+        if !lock(&self.executing).insert(record.id.clone()) {
+            // Two slots claimed the run at once and both got it (the lease lapsed between):
+            // the one already executing keeps it.
+            return Err(Error::Store(StoreError::LeaseLost(format!(
+                "run {} is executing in this processor already",
+                record.id
+            ))));
+        }
         Ok(Execution {
             processor: self,
             job: job.clone(),
@@ -899,6 +919,12 @@ impl Flight {
         }
         self.remaining.remove(&chunk);
         self.done.remove(&chunk)
+    }
+}
+
+impl Drop for Execution<'_> {
+    fn drop(&mut self) {
+        lock(&self.processor.executing).remove(&self.run.id);
     }
 }
 

@@ -1370,3 +1370,29 @@ async fn a_database_that_goes_away_mid_chunk_loses_no_result_and_no_run() {
         "{items:?}"
     );
 }
+
+#[tokio::test]
+async fn a_lapsed_lease_under_a_live_execution_is_not_claimed_again_by_its_own_processor() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({}));
+    let jobs = jobs_map(&[&job]);
+    let processor = world.processor("p1");
+    let run = start_manual(&processor, &job).await;
+    let execution = processor.claim_next(&jobs).await.unwrap().unwrap();
+    // Its heartbeat was late: the run's lease lapsed while the execution goes on.
+    world.runs.expire_leases();
+    assert!(
+        processor.claim_next(&jobs).await.unwrap().is_none(),
+        "a second slot of the same processor took the run over"
+    );
+    assert!(processor.open(&job, &run.id).await.unwrap().is_none());
+    // Once the execution is gone, its processor resumes the run like any other.
+    drop(execution);
+    let resumed = processor.claim_next(&jobs).await.unwrap().unwrap();
+    assert_eq!(resumed.run().id, run.id);
+    // And another processor rescues a lapsed run as before.
+    world.runs.expire_leases();
+    let other = world.processor("p2");
+    assert!(other.claim_next(&jobs).await.unwrap().is_some());
+}
