@@ -757,12 +757,13 @@ struct ChunkRecord<'p> {
     run: RunRecord,
     job: batch_domain::JobId,
     outcomes: Vec<ItemOutcome>,
-    /// The users whose items succeeded in this chunk.
+    /// The users whose items succeeded in this chunk, sorted, each once.
     users: Vec<UserId>,
     /// The run's counts before this chunk; `None` for an execution's first chunk.
     counts: Option<batch_domain::run::ItemCounts>,
     /// [`Execution::referenced`] before this chunk.
     referenced: Option<bool>,
+    /// The execution's notes, for the first chunk's context (empty for later chunks).
     notes: Vec<String>,
     now: DateTime<Utc>,
 }
@@ -771,12 +772,8 @@ struct ChunkRecord<'p> {
 struct Recorded {
     /// The run's counts after the chunk.
     counts: batch_domain::run::ItemCounts,
-    /// For an execution's first chunk: whether no item had succeeded before it.
-    none_before: Option<bool>,
-    /// Whether the chunk's users received the run's reference.
-    referenced: bool,
-    /// [`Execution::referenced`] before this chunk.
-    referenced_before: Option<bool>,
+    /// [`Execution::referenced`] after the chunk.
+    referenced: Option<bool>,
 }
 
 impl ChunkRecord<'_> {
@@ -809,7 +806,7 @@ impl ChunkRecord<'_> {
         // Every item of the chunk was pending when claimed; each now has its outcome's status.
         // The first chunk of an execution writes the whole context (status, notes); later ones
         // only its progress, since the context's item lists grow with the run.
-        let (counts, none_before) = match self.counts {
+        let (counts, referenced) = match self.counts {
             Some(mut counts) => {
                 for outcome in outcomes {
                     counts.pending = counts.pending.saturating_sub(1);
@@ -828,7 +825,7 @@ impl ChunkRecord<'_> {
                 if let Err(e) = saved {
                     tracing::warn!(run = %run_id, error = %e, "the progress of a chunk was not saved");
                 }
-                (counts, None)
+                (counts, self.referenced.map(|all| all && referenced))
             }
             None => {
                 let counts = ports.runs.counts(run_id).await?;
@@ -839,7 +836,7 @@ impl ChunkRecord<'_> {
                 // Items that succeeded before this execution began may have been recorded
                 // by one that stopped before handing out their references.
                 let here = u64::try_from(count(ItemStatus::Succeeded)).unwrap_or(u64::MAX);
-                (counts, Some(counts.succeeded == here))
+                (counts, Some(counts.succeeded == here && referenced))
             }
         };
         self.processor.publish(ProgressEvent {
@@ -847,12 +844,7 @@ impl ChunkRecord<'_> {
             status: RunStatus::Running,
             progress: progress(&counts),
         });
-        Ok(Recorded {
-            counts,
-            none_before,
-            referenced,
-            referenced_before: self.referenced,
-        })
+        Ok(Recorded { counts, referenced })
     }
 
     /// Hands the run's reference to the users whose items have just succeeded, so that a user
@@ -863,16 +855,13 @@ impl ChunkRecord<'_> {
         if self.users.is_empty() {
             return true;
         }
-        let mut users = self.users.clone();
-        users.sort();
-        users.dedup();
-        let (ports, run) = (&self.processor.ports, &self.run);
+        let (ports, run, users) = (&self.processor.ports, &self.run, &self.users);
         let patience = self.processor.settings.run_lease;
         let what = "handing out references";
         let added = while_unavailable(&ports.clock, &run.id, what, patience, || {
             ports
                 .contexts
-                .add_references(&run.tenant, &self.job, &run.id, &users, self.now)
+                .add_references(&run.tenant, &self.job, &run.id, users, self.now)
         })
         .await;
         if let Err(e) = &added {
@@ -1336,6 +1325,8 @@ impl<'p> Execution<'p> {
                 outcome
             })
             .collect();
+        users.sort();
+        users.dedup();
         ChunkRecord {
             processor: self.processor,
             run: self.run.clone(),
@@ -1344,7 +1335,11 @@ impl<'p> Execution<'p> {
             users,
             counts: self.counts,
             referenced: self.referenced,
-            notes: self.notes.clone(),
+            notes: if self.counts.is_none() {
+                self.notes.clone()
+            } else {
+                Vec::new()
+            },
             now,
         }
     }
@@ -1353,12 +1348,7 @@ impl<'p> Execution<'p> {
     /// still all handed out.
     fn apply(&mut self, recorded: Recorded) {
         self.counts = Some(recorded.counts);
-        self.referenced = match recorded.none_before {
-            Some(none_before) => Some(none_before && recorded.referenced),
-            None => recorded
-                .referenced_before
-                .map(|all| all && recorded.referenced),
-        };
+        self.referenced = recorded.referenced;
     }
 
     /// Builds the request of one item: the template is the item's preference override or the
