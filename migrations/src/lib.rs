@@ -23,6 +23,7 @@ mod m20261128_000006_run_overlap;
 mod m20261128_000007_groups_and_pauses;
 mod m20261128_000008_jobs;
 mod m20261129_000009_context_progress;
+mod m20261206_000010_drop_item_leases;
 
 /// The migrator of the service's own tables.
 #[derive(Debug)]
@@ -40,6 +41,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000007_groups_and_pauses::Migration),
             Box::new(m20261128_000008_jobs::Migration),
             Box::new(m20261129_000009_context_progress::Migration),
+            Box::new(m20261206_000010_drop_item_leases::Migration),
         ]
     }
 }

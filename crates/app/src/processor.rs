@@ -1,7 +1,7 @@
 //! The BatchProcessor: one run from preparation to a terminal state.
 //!
 //! A run is prepared by its strategy and created with all its items (valid ones pending,
-//! invalid ones recorded as such). Executing it claims chunks of due items under a lease and
+//! invalid ones recorded as such). Executing it claims chunks of due items under the run's lease and
 //! executes them with the job's concurrency limit (a semaphore) and rate limit (governor),
 //! pipelined: the next chunk is claimed while the current one's last requests are in flight, and
 //! each chunk's outcomes are recorded in one store call as soon as its last request answered,
@@ -13,7 +13,7 @@
 //! the run finishes with exact counts. A processor that opens an interrupted run only ever sees
 //! items that have not succeeded: succeeded items are never executed again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -100,8 +100,7 @@ pub struct ProgressEvent {
 pub enum Step {
     /// Chunks of this many items in all were executed and recorded.
     Worked(usize),
-    /// Nothing is due before this instant (retries waiting for their backoff, or items leased
-    /// by another processor).
+    /// Nothing is due before this instant (retries waiting for their backoff).
     Idle(DateTime<Utc>),
     /// The run ended with this status.
     Finished(RunStatus),
@@ -116,8 +115,9 @@ pub struct BatchProcessor {
     cancelled: Mutex<HashSet<RunId>>,
     /// The runs an [`Execution`] of this processor holds. Another slot of the same processor
     /// (the same lease owner) must not open a second one when the run's lease lapses under a
-    /// live execution (a heartbeat late on a loaded machine): the second would take the
-    /// first's items, leased to the same owner, and make their requests again.
+    /// live execution (a heartbeat late on a loaded machine): the run's lease, which covers its
+    /// items, would let the second read the first's items in flight as due, make their requests
+    /// again and record them.
     executing: Mutex<HashSet<RunId>>,
     /// Bumped on every cancel, so executions waiting on requests notice at once.
     cancel_signal: watch::Sender<u64>,
@@ -927,14 +927,6 @@ impl<'p> Execution<'p> {
         &self.processor.ports
     }
 
-    fn item_lease(&self) -> chrono::Duration {
-        let limits = self.job.execution;
-        let paced = limits.rate_limit_per_sec.map_or(Duration::ZERO, |rate| {
-            Duration::from_secs_f64(f64::from(limits.chunk_size) / rate)
-        });
-        chrono_duration(self.processor.settings.run_lease + limits.timeout + paced)
-    }
-
     /// Runs steps until the run ends, waiting on the clock while nothing is due.
     ///
     /// # Errors
@@ -1049,8 +1041,8 @@ impl<'p> Execution<'p> {
         if self.processor.is_cancelled(&run_id) || self.template_missing {
             return self.end_without_pending().await.map(Step::Finished);
         }
-        // The heartbeat keeps the run (and the claimed items) leased however long the chunks
-        // take; if the lease is lost anyway, their results are not ours to record.
+        // The heartbeat keeps the run (and so its items) leased however long the chunks take;
+        // if the lease is lost anyway, their results are not ours to record.
         let processor = self.processor;
         let worked = tokio::select! {
             worked = self.fly(max_chunks, stop) => worked?,
@@ -1115,10 +1107,15 @@ impl<'p> Execution<'p> {
         // recorded.
         let mut unrecorded: VecDeque<Vec<Executed>> = VecDeque::new();
         let mut recording: Option<Recording<'p>> = None;
+        // The positions of the items claimed and not yet recorded, and of those the recording
+        // under way writes: the store still has them pending, so claims leave them out.
+        let mut held: BTreeSet<i64> = BTreeSet::new();
+        let mut being_recorded: Vec<i64> = Vec::new();
         loop {
             if recording.is_none()
                 && let Some(done) = unrecorded.pop_front()
             {
+                being_recorded = done.iter().map(|(item, _, _)| item.seq).collect();
                 let record = self.chunk_record(done);
                 // Until the recording says otherwise, this chunk's users may lack the run's
                 // reference: a recording that fails half-way leaves the end of the run to
@@ -1135,8 +1132,8 @@ impl<'p> Execution<'p> {
                 deadline = Some(Box::pin(async move { clock.sleep(grace).await }));
             }
             // Chunks waiting to be recorded count against claiming too: when the store records
-            // more slowly than the requests answer, claims wait for it rather than lease ever
-            // more items (whose lease renewals would then slow the store down further).
+            // more slowly than the requests answer, claims wait for it rather than hold ever
+            // more items in memory.
             let ahead = chunk_size + 2 * concurrency;
             let backlog: usize = unrecorded.iter().map(Vec::len).sum();
             if claiming
@@ -1146,10 +1143,7 @@ impl<'p> Execution<'p> {
                 && flight.len() < ahead
                 && backlog < ahead
             {
-                // With nothing in flight or unrecorded, items still leased to this processor
-                // are leftovers of a step that failed with requests in flight.
-                let reclaim_own = flight.is_empty() && recording.is_none();
-                let claim = self.claim(&run_id, &owner, chunk_size, &mut renewed_at, reclaim_own);
+                let claim = self.claim(&run_id, &owner, chunk_size, &mut renewed_at, &held);
                 // The chunk being recorded goes on meanwhile; its answer is taken in once the
                 // claim has answered too.
                 let mut recorded = None;
@@ -1168,12 +1162,13 @@ impl<'p> Execution<'p> {
                 };
                 if let Some(written) = recorded {
                     recording = None;
-                    self.apply(written?);
+                    self.apply(written?, &mut being_recorded, &mut held);
                 }
                 match claim {
                     Ok(Some(chunk)) => {
                         claimed += 1;
                         flight.remaining.insert(claimed, chunk.len());
+                        held.extend(chunk.iter().map(|item| item.seq));
                         for item in chunk {
                             self.spawn_item(&mut flight, claimed, item);
                         }
@@ -1198,7 +1193,7 @@ impl<'p> Execution<'p> {
                 joined = flight.tasks.join_next_with_id(), if !flight.is_empty() => joined,
                 written = async { if let Some(w) = recording.as_mut() { w.await } else { std::future::pending().await } }, if recording.is_some() => {
                     recording = None;
-                    self.apply(written?);
+                    self.apply(written?, &mut being_recorded, &mut held);
                     continue;
                 }
                 changed = cancel.changed(), if deadline.is_none() => {
@@ -1240,28 +1235,27 @@ impl<'p> Execution<'p> {
     }
 
     /// Renews the run lease (unless `renewed_at` is less than [`RENEW_EVERY`] ago) and claims the
-    /// next chunk of due items; `None` when nothing is due. With `reclaim_own` (nothing of this
-    /// execution is in flight), items still leased to this processor are taken again: a step
-    /// that failed with requests in flight left them behind. A cancel requested through the store
-    /// (by another replica, say) is passed on to the processor, and nothing is claimed.
+    /// next chunk of due items; `None` when nothing is due. The run's lease covers its items, so
+    /// claiming is reading: `held` (what this step is executing or has still to record) is
+    /// left out of the reads that start behind the cursor. With nothing held the claim sweeps
+    /// from the start, which also takes the items a step that failed with requests in flight
+    /// left pending. A cancel requested through the store (by another replica, say) is passed
+    /// on to the processor, and nothing is claimed.
     async fn claim(
         &mut self,
         run_id: &RunId,
         owner: &str,
         chunk_size: usize,
         renewed_at: &mut Option<DateTime<Utc>>,
-        reclaim_own: bool,
+        held: &BTreeSet<i64>,
     ) -> Result<Option<Vec<ItemRecord>>, Error> {
         let now = self.ports().clock.now();
         let renew_every = chrono_duration(RENEW_EVERY);
-        // The run alone: renewing the items steps over every pending item of the run, and the
-        // heartbeat renews them every third of the run lease (an item's lease is at least a
-        // run lease long).
         if renewed_at.is_none_or(|at| now - at >= renew_every) {
             let cancel_requested = self
                 .ports()
                 .runs
-                .renew_run_lease(
+                .renew_lease(
                     run_id,
                     owner,
                     now + chrono_duration(self.processor.settings.run_lease),
@@ -1273,32 +1267,30 @@ impl<'p> Execution<'p> {
                 return Ok(None);
             }
         }
-        let item_lease = now + self.item_lease();
-        let sweep = reclaim_own
+        let sweep = held.is_empty()
             || self
                 .cursor
                 .swept_at
                 .is_none_or(|at| now - at >= chrono_duration(SWEEP_EVERY));
         let mut after = if sweep { 0 } else { self.cursor.after };
         loop {
+            // Everything held lies at or before the cursor: only a read from the start needs
+            // to leave it out.
+            let skip: Vec<i64> = if after == 0 {
+                held.iter().copied().collect()
+            } else {
+                Vec::new()
+            };
             let chunk = self
                 .ports()
                 .runs
-                .claim_items(
-                    run_id,
-                    owner,
-                    now,
-                    item_lease,
-                    chunk_size,
-                    reclaim_own,
-                    after,
-                )
+                .due_items(run_id, now, after, &skip, chunk_size)
                 .await?;
             if after == 0 {
                 self.cursor.swept_at = Some(now);
             }
             if let Some(last) = chunk.last() {
-                self.cursor.after = last.seq;
+                self.cursor.after = self.cursor.after.max(last.seq);
                 return Ok(Some(chunk));
             }
             if after == 0 {
@@ -1345,8 +1337,12 @@ impl<'p> Execution<'p> {
     }
 
     /// Takes in what recording a chunk changed: the counts, and whether the references are
-    /// still all handed out.
-    fn apply(&mut self, recorded: Recorded) {
+    /// still all handed out. The chunk's items (`chunk`) are no longer held: the store has
+    /// their outcomes.
+    fn apply(&mut self, recorded: Recorded, chunk: &mut Vec<i64>, held: &mut BTreeSet<i64>) {
+        for seq in chunk.drain(..) {
+            held.remove(&seq);
+        }
         self.counts = Some(recorded.counts);
         self.referenced = recorded.referenced;
     }

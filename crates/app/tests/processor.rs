@@ -673,7 +673,7 @@ async fn claims_and_requests_go_on_while_a_chunk_is_being_recorded_up_to_a_bound
 }
 
 #[tokio::test]
-async fn items_an_interrupted_step_left_leased_are_taken_again_at_once() {
+async fn items_an_interrupted_step_left_unrecorded_are_taken_again_first() {
     let world = World::new(Behaviour::default());
     world.with_users(10);
     let job = many(
@@ -683,35 +683,43 @@ async fn items_an_interrupted_step_left_leased_are_taken_again_at_once() {
     let processor = world.processor("p1");
     let run = start_manual(&processor, &job).await;
     let mut execution = processor.open(&job, &run.id).await.unwrap().unwrap();
-    // A step of this processor failed with five requests in flight: their items stay leased to
-    // it, and its own heartbeat would keep renewing them.
-    let start = world.clock_now();
-    world
-        .runs
-        .claim_items(
-            &run.id,
-            "p1",
-            start,
-            start + Duration::hours(1),
-            5,
-            false,
-            0,
-        )
-        .await
-        .unwrap();
-    // Without taking them again the run never ends: the heartbeat renews their lease forever.
-    let status = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        execution.run_to_completion(),
-    )
-    .await
-    .expect("the run waited on items its own step left leased");
-    assert_eq!(status.unwrap(), RunStatus::Succeeded);
-    assert!(
-        world.clock_now() < start + Duration::hours(1),
-        "the run waited for its own items' lease to expire"
-    );
-    assert_eq!(world.executor.calls().len(), 10);
+    // A step is dropped while its chunk is being recorded: its five items were called, and
+    // the store still has them pending, behind where the execution's claims have got to.
+    world.runs.hold_writes(true);
+    {
+        let step = execution.run_next_chunk();
+        tokio::pin!(step);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while world.executor.calls().len() < 5 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the chunk never ran"
+            );
+            tokio::select! {
+                stepped = &mut step => panic!("the step ended with its write held: {stepped:?}"),
+                () = tokio::time::sleep(std::time::Duration::from_millis(1)) => {}
+            }
+        }
+    }
+    world.runs.hold_writes(false);
+    assert_eq!(world.runs.outcome_writes(), 0);
+    let status = execution.run_to_completion().await.unwrap();
+    assert_eq!(status, RunStatus::Succeeded);
+    let keys: Vec<String> = world
+        .executor
+        .calls()
+        .into_iter()
+        .map(|c| c.request.idempotency_key)
+        .collect();
+    assert_eq!(keys.len(), 15, "{keys:?}");
+    // The next step starts from the beginning of the run: the interrupted chunk comes first.
+    let mut first_five = keys[..5].to_vec();
+    let mut again = keys[5..10].to_vec();
+    first_five.sort();
+    again.sort();
+    assert_eq!(again, first_five, "{keys:?}");
+    let items = world.runs.items_of(&run.id);
+    assert!(items.iter().all(|i| i.status == ItemStatus::Succeeded));
 }
 
 #[tokio::test]
@@ -732,20 +740,7 @@ async fn a_resumed_run_never_executes_a_succeeded_item_again() {
                 Step::Worked(5)
             ));
         }
-        // The process dies holding a fourth chunk it never records.
-        world
-            .runs
-            .claim_items(
-                &run.id,
-                "first",
-                world.clock_now(),
-                world.clock_now() + Duration::minutes(5),
-                5,
-                false,
-                0,
-            )
-            .await
-            .unwrap();
+        // The process dies here, holding the run's lease.
     }
     // Another processor cannot take the run over while the lease lives...
     let second = world.processor("second");

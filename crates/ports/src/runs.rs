@@ -340,9 +340,9 @@ pub trait RunStore: Send + Sync {
         since: DateTime<Utc>,
     ) -> Result<Vec<TenantLoad>, StoreError>;
 
-    /// Extends `owner`'s lease on `run` to `until`, and the leases of the items of `run` it
-    /// holds to at least `until` (a heartbeat during a long chunk keeps both alive); returns
-    /// whether a cancel was requested meanwhile (see [`RunStore::request_cancel`]).
+    /// Extends `owner`'s lease on `run` to `until`; returns whether a cancel was requested
+    /// meanwhile (see [`RunStore::request_cancel`]). The run's lease covers its items: whoever
+    /// holds it is the only one executing and recording them.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease.
@@ -352,21 +352,6 @@ pub trait RunStore: Send + Sync {
         owner: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
-
-    /// Extends `owner`'s lease on `run` to `until` like [`RunStore::renew_lease`], without
-    /// touching the items' leases: for renewals made often (at claims), while a heartbeat
-    /// renews the items now and then. The default renews both.
-    ///
-    /// # Errors
-    /// [`StoreError::LeaseLost`] when `owner` no longer holds the lease.
-    async fn renew_run_lease(
-        &self,
-        run: &RunId,
-        owner: &str,
-        until: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        self.renew_lease(run, owner, until).await
-    }
 
     /// Asks `run` to stop; its owner sees the request at its next lease renewal. Any replica
     /// may ask.
@@ -389,7 +374,12 @@ pub trait RunStore: Send + Sync {
     async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError>;
 
     /// Up to `limit` pending items of `run` whose next attempt is due at `now`, in item order,
-    /// after position `after_seq`.
+    /// after position `after_seq` (0 for the start), leaving out the positions in `skip` (the
+    /// items the caller is executing already). Writes nothing: the holder of the run's lease
+    /// is the only one executing its items, so reading them is claiming them. A caller working
+    /// through a large run passes where its last read ended, so each read steps only over the
+    /// items it takes instead of over every item done before them; it starts from 0 now and
+    /// then to pick up retries that fell due behind it.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached.
@@ -397,43 +387,19 @@ pub trait RunStore: Send + Sync {
         &self,
         run: &RunId,
         now: DateTime<Utc>,
-        after_seq: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<ItemRecord>, StoreError>;
-
-    /// Claims up to `limit` pending items of `run` after position `after_seq` (0 for the
-    /// start) that are due at `now` and not leased to anyone else (or whose lease expired), in
-    /// item order, for `owner` until `lease_until`. A caller working through a large run passes
-    /// where its last claim ended, so each claim reads only the items it takes instead of
-    /// stepping over every item done before them; it starts from 0 now and then to pick up
-    /// retries that fell due behind it.
-    /// With `reclaim_own`, items leased to `owner` itself are taken again too: the caller knows
-    /// none of them is executing (items an interrupted step of its own left behind, whose
-    /// leases its heartbeat would otherwise keep alive). Concurrent claimers, on any replica,
-    /// never get the same item.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] when the database cannot be reached.
-    // The claim's terms are all plain values; a struct for them would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    async fn claim_items(
-        &self,
-        run: &RunId,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: usize,
-        reclaim_own: bool,
         after_seq: i64,
+        skip: &[i64],
+        limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError>;
 
-    /// Records the outcomes of one chunk and releases the items' leases, in one transaction
-    /// with a bounded number of statements (one per thousand outcomes), provided `owner` still
-    /// holds the lease of every item in `outcomes`.
+    /// Records the outcomes of one chunk, in one transaction with a bounded number of
+    /// statements (one per thousand outcomes), provided `owner` still holds the run's lease.
     ///
     /// # Errors
-    /// [`StoreError::LeaseLost`] when `owner` no longer holds some item's lease (another
-    /// claimer took it over after it expired); nothing is written.
+    /// [`StoreError::LeaseLost`] when `owner` no longer holds the run's lease (another process
+    /// took the run over after the lease expired, or it was released);
+    /// [`StoreError::Unexpected`] when an outcome names no item of the run. Nothing is written
+    /// either way.
     async fn record_outcomes(
         &self,
         run: &RunId,
@@ -443,7 +409,7 @@ pub trait RunStore: Send + Sync {
     ) -> Result<(), StoreError>;
 
     /// The earliest instant at which a pending item of `run` is due (`None` when no item is
-    /// pending). Items whose lease is live count from their lease's expiry.
+    /// pending).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached.

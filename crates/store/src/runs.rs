@@ -40,45 +40,6 @@ fn rows_per_statement(backend: DbBackend, width: usize, most: usize) -> usize {
 }
 
 impl Store {
-    /// Extends `owner`'s lease on `run` to `until` and, with `items`, the leases of the items
-    /// it holds; returns whether a cancel was requested.
-    async fn renew(
-        &self,
-        run: &RunId,
-        owner: &str,
-        until: DateTime<Utc>,
-        items: bool,
-    ) -> Result<bool, StoreError> {
-        let row = self
-            .db
-            .query_one_raw(self.statement(
-                "UPDATE runs SET lease_expires_ms = $3 \
-                 WHERE id = $1 AND lease_owner = $2 AND status IN ('queued', 'running') \
-                 RETURNING cancel_requested",
-                vec![text(run.as_str()), text(owner), big(millis(until))],
-            ))
-            .await
-            .map_err(db_error)?;
-        if items && row.is_some() {
-            // Items claimed in a chunk still running stay leased while the run is.
-            self.db
-                .execute_raw(self.statement(
-                    "UPDATE run_items SET lease_expires_ms = $3 \
-                     WHERE run_id = $1 AND lease_owner = $2 AND status = 'pending' \
-                       AND lease_expires_ms < $3",
-                    vec![text(run.as_str()), text(owner), big(millis(until))],
-                ))
-                .await
-                .map_err(db_error)?;
-        }
-        match row {
-            Some(row) => row.try_get("", "cancel_requested").map_err(db_error),
-            None => Err(StoreError::LeaseLost(format!(
-                "{owner} does not hold the lease on run {run}"
-            ))),
-        }
-    }
-
     /// Inserts the row of `run` (status `queued`) and links its occurrence.
     async fn insert_run(
         &self,
@@ -603,18 +564,22 @@ impl RunStore for Store {
         owner: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        self.renew(run, owner, until, true).await
-    }
-
-    async fn renew_run_lease(
-        &self,
-        run: &RunId,
-        owner: &str,
-        until: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        // The items' renewal steps over every pending item of the run (30 ms at 100 000):
-        // left to the heartbeat.
-        self.renew(run, owner, until, false).await
+        let row = self
+            .db
+            .query_one_raw(self.statement(
+                "UPDATE runs SET lease_expires_ms = $3 \
+                 WHERE id = $1 AND lease_owner = $2 AND status IN ('queued', 'running') \
+                 RETURNING cancel_requested",
+                vec![text(run.as_str()), text(owner), big(millis(until))],
+            ))
+            .await
+            .map_err(db_error)?;
+        match row {
+            Some(row) => row.try_get("", "cancel_requested").map_err(db_error),
+            None => Err(StoreError::LeaseLost(format!(
+                "{owner} does not hold the lease on run {run}"
+            ))),
+        }
     }
 
     async fn request_cancel(&self, run: &RunId) -> Result<(), StoreError> {
@@ -657,88 +622,42 @@ impl RunStore for Store {
         &self,
         run: &RunId,
         now: DateTime<Utc>,
-        after_seq: Option<i64>,
+        after_seq: i64,
+        skip: &[i64],
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError> {
+        // A read, not an update: the run's lease keeps everyone else off its items, and
+        // writing a lease on each item row was the largest cost of a chunk in PostgreSQL
+        // (18.6 ms of about 50 per chunk of 500 in the P1 benchmark). The positions to skip
+        // go in as one JSON array, which both backends turn into a hashed set.
+        let skipped = match (skip.is_empty(), self.backend()) {
+            (true, _) => "",
+            (false, DbBackend::Postgres) => {
+                " AND seq NOT IN (SELECT value::bigint FROM jsonb_array_elements_text($5))"
+            }
+            (false, _) => " AND seq NOT IN (SELECT value FROM json_each($5))",
+        };
         let sql = format!(
             "SELECT {ITEM_COLUMNS} FROM run_items \
-             WHERE run_id = $1 AND status = 'pending' \
-               AND (next_attempt_ms IS NULL OR next_attempt_ms <= $2) AND seq > $3 \
+             WHERE run_id = $1 AND status = 'pending' AND seq > $3 \
+               AND (next_attempt_ms IS NULL OR next_attempt_ms <= $2){skipped} \
              ORDER BY seq LIMIT $4"
         );
+        let mut values = vec![
+            text(run.as_str()),
+            big(millis(now)),
+            big(after_seq),
+            big(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        if !skip.is_empty() {
+            values.push(json(Some(serde_json::Value::from(skip.to_vec()))));
+        }
         let rows = self
             .db
-            .query_all_raw(self.statement(
-                &sql,
-                vec![
-                    text(run.as_str()),
-                    big(millis(now)),
-                    big(after_seq.unwrap_or(0)),
-                    big(i64::try_from(limit).unwrap_or(i64::MAX)),
-                ],
-            ))
+            .query_all_raw(self.statement(&sql, values))
             .await
             .map_err(db_error)?;
         rows.iter().map(item_record).collect()
-    }
-
-    // The claim's terms are all plain values; a struct for them would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    async fn claim_items(
-        &self,
-        run: &RunId,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: usize,
-        reclaim_own: bool,
-        after_seq: i64,
-    ) -> Result<Vec<ItemRecord>, StoreError> {
-        // `seq = ANY(ARRAY(…))` makes PostgreSQL fetch the picked rows through the primary key
-        // whatever its statistics say. Joined by position alone, it hashed every item of the
-        // run for each claim whenever it thought a sequential scan cheaper than 500 index
-        // lookups (at 30 000 items: auto_explain in the P2 benchmark).
-        let matched = match self.backend() {
-            DbBackend::Postgres => {
-                "run_items.run_id = $1 AND run_items.seq = ANY(ARRAY(SELECT pick FROM picked)) \
-                 AND run_items.seq = picked.pick"
-            }
-            _ => "run_items.run_id = $1 AND run_items.seq = picked.pick",
-        };
-        let sql = format!(
-            "WITH picked AS MATERIALIZED (SELECT seq AS pick FROM run_items \
-                 WHERE run_id = $1 AND status = 'pending' AND seq > $7 \
-                   AND (next_attempt_ms IS NULL OR next_attempt_ms <= $4) \
-                   AND (lease_expires_ms IS NULL OR lease_expires_ms <= $4 \
-                        OR ($6 AND lease_owner = $2)) \
-                 ORDER BY seq LIMIT $5{}) \
-             UPDATE run_items SET lease_owner = $2, lease_expires_ms = $3 \
-             FROM picked WHERE {matched} \
-             RETURNING {ITEM_COLUMNS}",
-            skip_locked(self.backend())
-        );
-        let rows = self
-            .db
-            .query_all_raw(self.statement(
-                &sql,
-                vec![
-                    text(run.as_str()),
-                    text(owner),
-                    big(millis(lease_until)),
-                    big(millis(now)),
-                    big(i64::try_from(limit).unwrap_or(i64::MAX)),
-                    Value::Bool(Some(reclaim_own)),
-                    big(after_seq),
-                ],
-            ))
-            .await
-            .map_err(db_error)?;
-        let mut items = rows
-            .iter()
-            .map(item_record)
-            .collect::<Result<Vec<_>, _>>()?;
-        items.sort_by_key(|item| item.seq);
-        Ok(items)
     }
 
     async fn record_outcomes(
@@ -751,28 +670,33 @@ impl RunStore for Store {
         let txn = self.db.begin().await.map_err(db_error)?;
         let postgres = self.backend() == DbBackend::Postgres;
         for chunk in outcomes.chunks(rows_per_statement(self.backend(), 7, OUTCOME_ROWS)) {
-            // VALUES columns are named column1, column2, … on both backends. The lease test
-            // fences off a claimer whose lease was taken over: it updates fewer rows than it
-            // sent, and the transaction is rolled back.
+            // VALUES columns are named column1, column2, … on both backends. The run's lease
+            // fences the write off from a processor whose run was taken over: without it the
+            // statement updates nothing. On PostgreSQL the run's row stays locked for share
+            // until commit, so a takeover (an update of that row) waits for this write instead
+            // of slipping in before its commit; SQLite's one writer serialises them anyway.
+            // The test rides in the statement itself: a statement of its own per chunk took
+            // P3 over its goal (0.0203 statements per item).
             let sql = if postgres {
-                // Each outcome finds its row through the (run, key) index and locks it there,
-                // where the lease test is made on its latest version; the update then fetches
-                // the locked rows through the primary key (`seq = ANY(ARRAY(…))`). Written as
-                // one join with the lease test on the target, PostgreSQL trusted statistics
-                // saying almost no row has that lease owner (taken before any claim) and
-                // compared every leased item with every outcome: 400 ms per chunk at 30 000
-                // items (auto_explain in the P2 benchmark); joined by position alone, it hashed
-                // every item of the run for each chunk.
+                // Each outcome finds its row through the (run, key) index in a `LATERAL`
+                // probe, and the update fetches those rows through the primary key
+                // (`seq = ANY(ARRAY(…))`). Joined by key or position alone, PostgreSQL hashed
+                // every item of the run for each chunk whenever it thought a sequential scan
+                // cheaper than 500 index lookups (auto_explain in the P2 benchmark). The
+                // probe's `LIMIT 1` keeps the planner from flattening it into such a join:
+                // without it a chunk's record took 45 ms instead of about 10 (P1 benchmark).
                 format!(
-                    "WITH v AS (VALUES {}), \
-                     mine AS MATERIALIZED (SELECT i.seq, v.* FROM v CROSS JOIN LATERAL \
+                    "WITH held AS MATERIALIZED (SELECT id FROM runs \
+                         WHERE id = $1 AND lease_owner = $3 FOR SHARE), \
+                     v AS (VALUES {}), \
+                     mine AS MATERIALIZED (SELECT i.seq, v.* FROM held CROSS JOIN v CROSS JOIN LATERAL \
                          (SELECT seq FROM run_items WHERE run_id = $1 \
-                            AND item_key = v.column1 AND lease_owner = $3 FOR UPDATE) AS i) \
+                            AND item_key = v.column1 LIMIT 1) AS i) \
                      UPDATE run_items SET status = mine.column2, attempts = mine.column3, \
                          next_attempt_ms = mine.column4, last_error = mine.column5, \
                          result = mine.column6, \
                          request_context = COALESCE(mine.column7, run_items.request_context), \
-                         lease_owner = NULL, lease_expires_ms = NULL, updated_ms = $2 \
+                         updated_ms = $2 \
                      FROM mine WHERE run_items.run_id = $1 \
                        AND run_items.seq = ANY(ARRAY(SELECT seq FROM mine)) \
                        AND run_items.seq = mine.seq",
@@ -783,10 +707,10 @@ impl RunStore for Store {
                     "UPDATE run_items SET status = v.column2, attempts = v.column3, \
                          next_attempt_ms = v.column4, last_error = v.column5, result = v.column6, \
                          request_context = COALESCE(v.column7, run_items.request_context), \
-                         lease_owner = NULL, lease_expires_ms = NULL, updated_ms = $2 \
+                         updated_ms = $2 \
                      FROM (VALUES {}) AS v \
                      WHERE run_items.run_id = $1 AND run_items.item_key = v.column1 \
-                       AND run_items.lease_owner = $3",
+                       AND EXISTS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = $3)",
                     placeholders(chunk.len(), 7, 4)
                 )
             };
@@ -810,10 +734,23 @@ impl RunStore for Store {
                 .rows_affected();
             if updated != u64::try_from(chunk.len()).unwrap_or(u64::MAX) {
                 txn.rollback().await.map_err(db_error)?;
-                return Err(StoreError::LeaseLost(format!(
-                    "{owner} holds the lease of only {updated} of {} items of run {run}",
-                    chunk.len()
-                )));
+                let held = self
+                    .db
+                    .query_one_raw(self.statement(
+                        "SELECT 1 AS held FROM runs WHERE id = $1 AND lease_owner = $2",
+                        vec![text(run.as_str()), text(owner)],
+                    ))
+                    .await
+                    .map_err(db_error)?;
+                return Err(match held {
+                    None => StoreError::LeaseLost(format!(
+                        "{owner} does not hold the lease on run {run}"
+                    )),
+                    Some(_) => StoreError::Unexpected(format!(
+                        "only {updated} of {} outcomes name an item of run {run}",
+                        chunk.len()
+                    )),
+                });
             }
         }
         txn.commit().await.map_err(db_error)
@@ -823,9 +760,7 @@ impl RunStore for Store {
         let row = self
             .db
             .query_one_raw(self.statement(
-                "SELECT MIN(CASE \
-                     WHEN lease_expires_ms IS NOT NULL AND lease_expires_ms > COALESCE(next_attempt_ms, 0) \
-                     THEN lease_expires_ms ELSE COALESCE(next_attempt_ms, 0) END) AS due \
+                "SELECT MIN(COALESCE(next_attempt_ms, 0)) AS due \
                  FROM run_items WHERE run_id = $1 AND status = 'pending'",
                 vec![text(run.as_str())],
             ))
@@ -842,8 +777,7 @@ impl RunStore for Store {
         Ok(self
             .db
             .execute_raw(self.statement(
-                "UPDATE run_items SET status = 'cancelled', lease_owner = NULL, \
-                     lease_expires_ms = NULL, updated_ms = $2 \
+                "UPDATE run_items SET status = 'cancelled', updated_ms = $2 \
                  WHERE run_id = $1 AND status = 'pending'",
                 vec![text(run.as_str()), big(millis(now))],
             ))

@@ -292,61 +292,29 @@ async fn an_expired_lease_is_reclaimed_and_a_live_one_is_not(backend: Backend) {
     ));
 }
 
-async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
+async fn a_run_taken_over_fences_off_its_old_holders_outcomes(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
     };
     seed_run(&store, 5).await;
     let id = RunId::parse("r1").unwrap();
     let lease = Duration::seconds(30);
-    let mine = store
-        .claim_items(&id, "a", t0(), t0() + lease, 2, false, 0)
+    store
+        .claim_run(&id, "a", t0(), t0() + lease, None)
         .await
+        .unwrap()
         .unwrap();
+    // Reading due items claims them under the run's lease: it writes nothing, so reading
+    // again gives the same items.
+    let keys = |items: &[batch_ports::runs::ItemRecord]| {
+        items.iter().map(|i| i.key.clone()).collect::<Vec<_>>()
+    };
+    let mine = store.due_items(&id, t0(), 0, &[], 2).await.unwrap();
+    assert_eq!(keys(&mine), ["item-000000", "item-000001"]);
     assert_eq!(
-        mine.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
-        ["item-000000", "item-000001"]
+        keys(&store.due_items(&id, t0(), 0, &[], 2).await.unwrap()),
+        keys(&mine)
     );
-    // While a's lease lives, b gets the other items only.
-    let others = store
-        .claim_items(
-            &id,
-            "b",
-            t0() + Duration::seconds(1),
-            t0() + lease,
-            2,
-            false,
-            0,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        others.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
-        ["item-000002", "item-000003"]
-    );
-    // Reclaiming its own: a takes back only what it holds (and the free item), never b's.
-    let again = store
-        .claim_items(
-            &id,
-            "a",
-            t0() + Duration::seconds(2),
-            t0() + lease,
-            10,
-            true,
-            0,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        again.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
-        ["item-000000", "item-000001", "item-000004"]
-    );
-    // After it expires, b takes a's items over; a's late outcomes are refused whole.
-    let taken = store
-        .claim_items(&id, "b", t0() + lease, t0() + lease * 2, 10, false, 0)
-        .await
-        .unwrap();
-    assert_eq!(taken.len(), 5, "every lease has expired, b's own included");
     let outcome = |key: &str| ItemOutcome {
         key: key.to_owned(),
         status: ItemStatus::Succeeded,
@@ -356,85 +324,86 @@ async fn an_expired_item_lease_fences_off_its_old_holder(backend: Backend) {
         result: Some(json!("done")),
         request_context: Some(json!({"idempotency_key": format!("r1:{key}")})),
     };
-    let late = [outcome("item-000000"), outcome("item-000001")];
+    // Somebody else's outcomes are refused while a holds the run.
+    let first = [outcome("item-000000")];
+    assert!(matches!(
+        store.record_outcomes(&id, "b", &first, t0()).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    store.record_outcomes(&id, "a", &first, t0()).await.unwrap();
+    // An outcome for an item the run does not have spoils its whole chunk.
+    let stray = [outcome("item-000001"), outcome("no-such-item")];
+    assert!(matches!(
+        store.record_outcomes(&id, "a", &stray, t0()).await,
+        Err(StoreError::Unexpected(_))
+    ));
+    assert_eq!(store.counts(&id).await.unwrap().succeeded, 1);
+    // After a's lease expires, b takes the run over; a's late outcomes are refused whole.
+    store
+        .claim_run(&id, "b", t0() + lease, t0() + lease * 2, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let late = [outcome("item-000001"), outcome("item-000002")];
     let lost = store.record_outcomes(&id, "a", &late, t0() + lease).await;
     assert!(matches!(lost, Err(StoreError::LeaseLost(_))), "{lost:?}");
     assert_eq!(
         store.counts(&id).await.unwrap().succeeded,
-        0,
+        1,
         "a fenced write changed nothing"
     );
-    // A mixed chunk (one item still b's, one not) is refused whole too.
-    let mixed = [outcome("item-000002"), outcome("item-000000")];
-    assert!(store.record_outcomes(&id, "a", &mixed, t0()).await.is_err());
     store
         .record_outcomes(&id, "b", &late, t0() + lease)
         .await
         .unwrap();
-    assert_eq!(store.counts(&id).await.unwrap().succeeded, 2);
-    // Recorded items are released and no longer pending: nobody claims them again.
-    let again = store
-        .claim_items(
-            &id,
-            "c",
-            t0() + Duration::days(1),
-            t0() + Duration::days(2),
-            10,
-            false,
-            0,
-        )
-        .await
-        .unwrap();
+    assert_eq!(store.counts(&id).await.unwrap().succeeded, 3);
+    // Recorded items are no longer due; a released run fences off its last holder too.
     assert_eq!(
-        again.iter().map(|i| i.key.as_str()).collect::<Vec<_>>(),
-        ["item-000002", "item-000003", "item-000004"]
+        keys(
+            &store
+                .due_items(&id, t0() + lease, 0, &[], 10)
+                .await
+                .unwrap()
+        ),
+        ["item-000003", "item-000004"]
     );
+    store.release_lease(&id, "b").await.unwrap();
+    assert!(matches!(
+        store
+            .record_outcomes(&id, "b", &[outcome("item-000003")], t0() + lease)
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
 }
 
-async fn concurrent_item_claimers_never_get_the_same_item(backend: Backend) {
-    let Some((db, store)) = fresh(backend).await else {
+async fn due_items_leave_out_the_positions_the_caller_holds(backend: Backend) {
+    let Some((_db, store)) = fresh(backend).await else {
         return;
     };
-    seed_run(&store, 5_000).await;
-    let shared = Arc::new(store);
-    let mut tasks = Vec::new();
-    for owner in ["a", "b", "c"] {
-        let store = match backend {
-            Backend::Postgres => Arc::new(Store::connect(&db.url).await.unwrap()),
-            Backend::Sqlite => shared.clone(),
-        };
-        tasks.push(tokio::spawn(async move {
-            let id = RunId::parse("r1").unwrap();
-            let mut mine = Vec::new();
-            loop {
-                let chunk = store
-                    .claim_items(
-                        &id,
-                        owner,
-                        t0(),
-                        t0() + Duration::seconds(60),
-                        100,
-                        false,
-                        0,
-                    )
-                    .await
-                    .unwrap();
-                if chunk.is_empty() {
-                    return mine;
-                }
-                mine.extend(chunk.into_iter().map(|i| i.seq));
-            }
-        }));
-    }
-    let mut seen = HashSet::new();
-    let mut total = 0;
-    for task in tasks {
-        for seq in task.await.unwrap() {
-            total += 1;
-            assert!(seen.insert(seq), "item {seq} was claimed twice");
-        }
-    }
-    assert_eq!(total, 4_500, "every pending item once; invalid ones never");
+    // 2 500 items, every tenth invalid: 2 250 pending.
+    seed_run(&store, 2_500).await;
+    let id = RunId::parse("r1").unwrap();
+    let seqs = |items: Vec<batch_ports::runs::ItemRecord>| {
+        items.into_iter().map(|i| i.seq).collect::<Vec<_>>()
+    };
+    // Held: the first 1 200 positions, as a step with chunks in flight would pass them.
+    let held: Vec<i64> = (1..=1_200).collect();
+    let due = seqs(store.due_items(&id, t0(), 0, &held, 5).await.unwrap());
+    assert_eq!(due, [1_201, 1_202, 1_203, 1_204, 1_205]);
+    // Scattered positions too; invalid items (every tenth) are never due.
+    let due = seqs(store.due_items(&id, t0(), 0, &[1, 3, 4], 5).await.unwrap());
+    assert_eq!(due, [2, 5, 6, 7, 8]);
+    let all = store.due_items(&id, t0(), 0, &[], 10_000).await.unwrap();
+    assert_eq!(all.len(), 2_250);
+    // Holding every pending item leaves nothing due.
+    let every: Vec<i64> = all.iter().map(|i| i.seq).collect();
+    assert!(
+        store
+            .due_items(&id, t0(), 0, &every, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn a_renewed_lease_is_never_rescued(backend: Backend) {
@@ -502,18 +471,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
         .claim_runs("a", t0(), t0() + Duration::seconds(60), 1)
         .await
         .unwrap();
-    let due = store
-        .claim_items(
-            &id,
-            "a",
-            t0(),
-            t0() + Duration::seconds(60),
-            2_000,
-            false,
-            0,
-        )
-        .await
-        .unwrap();
+    let due = store.due_items(&id, t0(), 0, &[], 2_000).await.unwrap();
     assert_eq!(due.len(), 1_000, "invalid items are never due");
     let outcomes: Vec<ItemOutcome> = due
         .iter()
@@ -556,7 +514,7 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
     let used = statements.load(Ordering::SeqCst) - before;
     // One UPDATE … FROM (VALUES …) on PostgreSQL; on SQLite, statements of at most 512
     // parameters (7 per outcome), since binding costs grow with the square of their number
-    // there (transaction control is not counted).
+    // there; the test of the run's lease rides in each (transaction control is not counted).
     let bound = match backend {
         Backend::Postgres => 1,
         Backend::Sqlite => 1_000_usize.div_ceil(512 / 7),
@@ -576,13 +534,13 @@ async fn a_chunk_of_outcomes_is_written_with_bounded_statements(backend: Backend
     // Retries are due only once their time has come.
     assert!(
         store
-            .due_items(&id, t0() + Duration::seconds(9), None, 2_000)
+            .due_items(&id, t0() + Duration::seconds(9), 0, &[], 2_000)
             .await
             .unwrap()
             .is_empty()
     );
     let retry = store
-        .due_items(&id, t0() + Duration::seconds(10), None, 2_000)
+        .due_items(&id, t0() + Duration::seconds(10), 0, &[], 2_000)
         .await
         .unwrap();
     assert_eq!(retry.len(), 333);
@@ -1389,96 +1347,6 @@ async fn serial_runs_of_different_groups_run_side_by_side(backend: Backend) {
     );
 }
 
-async fn a_run_lease_renewal_leaves_the_item_leases_alone(backend: Backend) {
-    let Some((_db, store)) = fresh(backend).await else {
-        return;
-    };
-    seed_run(&store, 2).await;
-    let run = RunId::parse("r1").unwrap();
-    store
-        .claim_run(&run, "a", t0(), t0() + Duration::seconds(30), None)
-        .await
-        .unwrap()
-        .unwrap();
-    let item_lease = t0() + Duration::seconds(40);
-    let chunk = store
-        .claim_items(&run, "a", t0(), item_lease, 2, false, 0)
-        .await
-        .unwrap();
-    assert_eq!(chunk.len(), 2);
-    let later = t0() + Duration::seconds(100);
-    assert!(!store.renew_run_lease(&run, "a", later).await.unwrap());
-    assert_eq!(store.next_due(&run).await.unwrap(), Some(item_lease));
-    // The heartbeat's renewal takes the items along.
-    assert!(!store.renew_lease(&run, "a", later).await.unwrap());
-    assert_eq!(store.next_due(&run).await.unwrap(), Some(later));
-    assert!(matches!(
-        store.renew_run_lease(&run, "b", later).await,
-        Err(StoreError::LeaseLost(_))
-    ));
-}
-
-async fn a_heartbeat_keeps_the_chunk_items_leased(backend: Backend) {
-    let Some((_db, store)) = fresh(backend).await else {
-        return;
-    };
-    seed_run(&store, 3).await;
-    let run = RunId::parse("r1").unwrap();
-    store
-        .claim_run(&run, "a", t0(), t0() + Duration::seconds(30), None)
-        .await
-        .unwrap()
-        .unwrap();
-    let chunk = store
-        .claim_items(&run, "a", t0(), t0() + Duration::seconds(40), 2, false, 0)
-        .await
-        .unwrap();
-    assert_eq!(chunk.len(), 2);
-    // Heartbeats long past the items' first lease.
-    for step in 1..=10 {
-        let now = t0() + Duration::seconds(step * 20);
-        store
-            .renew_lease(&run, "a", now + Duration::seconds(30))
-            .await
-            .unwrap();
-        let stolen = store
-            .claim_items(
-                &run,
-                "b",
-                now + Duration::seconds(1),
-                now + Duration::seconds(60),
-                3,
-                false,
-                0,
-            )
-            .await
-            .unwrap();
-        assert!(
-            stolen.iter().all(|i| i.key == "item-000002"),
-            "only the unclaimed item is free at step {step}"
-        );
-        if !stolen.is_empty() {
-            store
-                .record_outcomes(
-                    &run,
-                    "b",
-                    &[ItemOutcome {
-                        key: "item-000002".to_owned(),
-                        status: ItemStatus::Succeeded,
-                        attempts: 1,
-                        next_attempt_at: None,
-                        error: None,
-                        result: Some(json!({})),
-                        request_context: None,
-                    }],
-                    now,
-                )
-                .await
-                .unwrap();
-        }
-    }
-}
-
 async fn pauses_are_shared_and_schedule_states_are_read_one_by_one(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
@@ -1775,26 +1643,19 @@ async fn a_run_drafted_in_pages_appears_whole_at_commit(backend: Backend) {
     );
 }
 
-async fn claims_start_after_a_position(backend: Backend) {
+async fn due_items_start_after_a_position(backend: Backend) {
     let Some((_db, store)) = fresh(backend).await else {
         return;
     };
     seed_run(&store, 10).await;
     let id = RunId::parse("r1").unwrap();
-    let lease = t0() + Duration::minutes(5);
     let seqs = |items: Vec<batch_ports::runs::ItemRecord>| {
         items.into_iter().map(|i| i.seq).collect::<Vec<_>>()
     };
-    // Item 10 is invalid: only pending items are claimed.
-    let later = store
-        .claim_items(&id, "a", t0(), lease, 10, false, 5)
-        .await
-        .unwrap();
+    // Item 10 is invalid: only pending items are due.
+    let later = store.due_items(&id, t0(), 5, &[], 10).await.unwrap();
     assert_eq!(seqs(later), [6, 7, 8, 9]);
-    let earlier = store
-        .claim_items(&id, "a", t0(), lease, 10, false, 0)
-        .await
-        .unwrap();
+    let earlier = store.due_items(&id, t0(), 0, &[], 5).await.unwrap();
     assert_eq!(seqs(earlier), [1, 2, 3, 4, 5]);
 }
 
@@ -1824,23 +1685,12 @@ async fn renewals_racing_records_lose_no_outcome(backend: Backend) {
         .await
         .unwrap()
         .unwrap();
-    // A heartbeat extends the leases of the very rows a chunk's record is writing: the
-    // record must still find and write each of them, never report its lease lost.
+    // A heartbeat renews the run's lease, whose row fences the chunk's record, while the
+    // record writes: the record must still write each outcome, never report its lease lost.
     let mut after = 0;
     for round in 0..20 {
         let now = t0() + Duration::seconds(round);
-        let chunk = store
-            .claim_items(
-                &run,
-                "a",
-                now,
-                now + Duration::minutes(1),
-                100,
-                false,
-                after,
-            )
-            .await
-            .unwrap();
+        let chunk = store.due_items(&run, now, after, &[], 100).await.unwrap();
         after = chunk.last().unwrap().seq;
         let outcomes: Vec<ItemOutcome> = chunk
             .iter()
@@ -1934,8 +1784,8 @@ contract_suite!(
     claim_is_exclusive,
     claims_go_by_priority_then_age,
     an_expired_lease_is_reclaimed_and_a_live_one_is_not,
-    an_expired_item_lease_fences_off_its_old_holder,
-    concurrent_item_claimers_never_get_the_same_item,
+    a_run_taken_over_fences_off_its_old_holders_outcomes,
+    due_items_leave_out_the_positions_the_caller_holds,
     a_renewed_lease_is_never_rescued,
     a_released_lease_is_resumed_at_once,
     a_chunk_of_outcomes_is_written_with_bounded_statements,
@@ -1950,13 +1800,11 @@ contract_suite!(
     claimable_runs_age_and_are_capped_per_tenant,
     the_global_limit_holds_across_concurrent_claimers,
     serial_runs_of_different_groups_run_side_by_side,
-    a_heartbeat_keeps_the_chunk_items_leased,
-    a_run_lease_renewal_leaves_the_item_leases_alone,
     pauses_are_shared_and_schedule_states_are_read_one_by_one,
     runs_are_listed_newest_first_filtered_and_paged,
     job_definitions_sync_from_the_file_and_change_through_the_api,
     a_run_drafted_in_pages_appears_whole_at_commit,
-    claims_start_after_a_position,
+    due_items_start_after_a_position,
     renewals_racing_records_lose_no_outcome,
     many_runs_drafted_at_once_leave_connections_to_read_with,
 );

@@ -217,7 +217,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Runs {
     runs: BTreeMap<RunId, RunRecord>,
     serial: HashSet<RunId>,
-    items: HashMap<RunId, Vec<(ItemRecord, Option<Lease>)>>,
+    items: HashMap<RunId, Vec<ItemRecord>>,
     occurrences: HashMap<(String, i64, String), i64>,
     run_occurrences: HashMap<i64, RunId>,
     contexts: HashMap<RunId, (String, BatchContext)>,
@@ -278,47 +278,7 @@ impl MemoryRuns {
         }
     }
 
-    /// The store's lease renewal: the run's and, with `items`, the leases its owner holds on
-    /// the run's pending items.
-    fn renew(
-        &self,
-        run: &RunId,
-        owner: &str,
-        until: DateTime<Utc>,
-        items: bool,
-    ) -> Result<bool, StoreError> {
-        let mut state = lock(&self.state);
-        match state.runs.get_mut(run) {
-            Some(r)
-                if !r.status.is_terminal()
-                    && r.lease.as_ref().is_some_and(|l| l.owner == owner) =>
-            {
-                r.lease = Some(Lease {
-                    owner: owner.to_owned(),
-                    expires_at: until,
-                });
-                let cancel_requested = r.cancel_requested;
-                let items = if items {
-                    state.items.get_mut(run)
-                } else {
-                    None
-                };
-                for (item, lease) in items.into_iter().flatten() {
-                    if let Some(lease) = lease
-                        && item.status == ItemStatus::Pending
-                        && lease.owner == owner
-                        && lease.expires_at < until
-                    {
-                        lease.expires_at = until;
-                    }
-                }
-                Ok(cancel_requested)
-            }
-            _ => Err(lost(owner, run)),
-        }
-    }
-
-    /// The next `n` item claims answer [`StoreError::Unavailable`] and claim nothing.
+    /// The next `n` reads of due items answer [`StoreError::Unavailable`].
     pub fn fail_next_claims(&self, n: usize) {
         self.failing_claims.store(n, Ordering::SeqCst);
     }
@@ -354,21 +314,15 @@ impl MemoryRuns {
         lock(&self.state)
             .items
             .get(run)
-            .map(|items| items.iter().map(|(i, _)| i.clone()).collect())
+            .cloned()
             .unwrap_or_default()
     }
 
-    /// Simulates a crash of a lease holder: drops every item and run lease (as if they had
-    /// expired) without recording anything.
+    /// Simulates a crash of a lease holder: drops every run lease (as if they had expired)
+    /// without recording anything.
     pub fn expire_leases(&self) {
-        let mut state = lock(&self.state);
-        for run in state.runs.values_mut() {
+        for run in lock(&self.state).runs.values_mut() {
             run.lease = None;
-        }
-        for items in state.items.values_mut() {
-            for (_, lease) in items.iter_mut() {
-                *lease = None;
-            }
         }
     }
 }
@@ -454,21 +408,18 @@ impl RunDraft for MemoryDraft<'_> {
                     item.key
                 )));
             }
-            records.push((
-                ItemRecord {
-                    seq: i64::try_from(i).unwrap_or(0) + 1,
-                    key: item.key,
-                    user: item.user,
-                    status: item.status,
-                    attempts: 0,
-                    next_attempt_at: None,
-                    last_error: None,
-                    result: None,
-                    payload: item.payload,
-                    request_context: None,
-                },
-                None,
-            ));
+            records.push(ItemRecord {
+                seq: i64::try_from(i).unwrap_or(0) + 1,
+                key: item.key,
+                user: item.user,
+                status: item.status,
+                attempts: 0,
+                next_attempt_at: None,
+                last_error: None,
+                result: None,
+                payload: item.payload,
+                request_context: None,
+            });
         }
         state.items.insert(run.id.clone(), records);
         if run.serial {
@@ -694,16 +645,20 @@ impl RunStore for MemoryRuns {
         owner: &str,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        self.renew(run, owner, until, true)
-    }
-
-    async fn renew_run_lease(
-        &self,
-        run: &RunId,
-        owner: &str,
-        until: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        self.renew(run, owner, until, false)
+        let mut state = lock(&self.state);
+        match state.runs.get_mut(run) {
+            Some(r)
+                if !r.status.is_terminal()
+                    && r.lease.as_ref().is_some_and(|l| l.owner == owner) =>
+            {
+                r.lease = Some(Lease {
+                    owner: owner.to_owned(),
+                    expires_at: until,
+                });
+                Ok(r.cancel_requested)
+            }
+            _ => Err(lost(owner, run)),
+        }
     }
 
     async fn request_cancel(&self, run: &RunId) -> Result<(), StoreError> {
@@ -742,56 +697,21 @@ impl RunStore for MemoryRuns {
         &self,
         run: &RunId,
         now: DateTime<Utc>,
-        after_seq: Option<i64>,
+        after_seq: i64,
+        skip: &[i64],
         limit: usize,
     ) -> Result<Vec<ItemRecord>, StoreError> {
+        take_failure(&self.failing_claims, "reading due items")?;
         Ok(self
             .items_of(run)
             .into_iter()
             .filter(|i| {
                 i.status == ItemStatus::Pending
-                    && i.next_attempt_at.is_none_or(|t| t <= now)
-                    && i.seq > after_seq.unwrap_or(0)
-            })
-            .take(limit)
-            .collect())
-    }
-
-    // The claim's terms are all plain values; a struct for them would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    async fn claim_items(
-        &self,
-        run: &RunId,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: usize,
-        reclaim_own: bool,
-        after_seq: i64,
-    ) -> Result<Vec<ItemRecord>, StoreError> {
-        take_failure(&self.failing_claims, "claiming items")?;
-        let mut state = lock(&self.state);
-        let Some(items) = state.items.get_mut(run) else {
-            return Ok(Vec::new());
-        };
-        Ok(items
-            .iter_mut()
-            .filter(|(i, lease)| {
-                i.status == ItemStatus::Pending
                     && i.seq > after_seq
                     && i.next_attempt_at.is_none_or(|t| t <= now)
-                    && lease
-                        .as_ref()
-                        .is_none_or(|l| !l.is_live(now) || (reclaim_own && l.owner == owner))
+                    && !skip.contains(&i.seq)
             })
             .take(limit)
-            .map(|(i, lease)| {
-                *lease = Some(Lease {
-                    owner: owner.to_owned(),
-                    expires_at: lease_until,
-                });
-                i.clone()
-            })
             .collect())
     }
 
@@ -806,26 +726,31 @@ impl RunStore for MemoryRuns {
         self.outcome_writes.fetch_add(1, Ordering::SeqCst);
         take_failure(&self.failing_writes, "recording outcomes")?;
         let mut state = lock(&self.state);
+        let held = state
+            .runs
+            .get(run)
+            .is_some_and(|r| r.lease.as_ref().is_some_and(|l| l.owner == owner));
+        if !held {
+            return Err(lost(owner, run));
+        }
         let items = state.items.get_mut(run).ok_or_else(|| lost(owner, run))?;
         let index: HashMap<String, usize> = items
             .iter()
             .enumerate()
-            .map(|(n, (i, _))| (i.key.clone(), n))
+            .map(|(n, i)| (i.key.clone(), n))
             .collect();
         // All or nothing, like the real store's transaction.
-        for outcome in outcomes {
-            let held = index
-                .get(&outcome.key)
-                .is_some_and(|n| items[*n].1.as_ref().is_some_and(|l| l.owner == owner));
-            if !held {
-                return Err(lost(owner, run));
-            }
+        if let Some(unknown) = outcomes.iter().find(|o| !index.contains_key(&o.key)) {
+            return Err(StoreError::Unexpected(format!(
+                "item {} is not an item of run {run}",
+                unknown.key
+            )));
         }
         for outcome in outcomes {
             let Some(n) = index.get(&outcome.key) else {
                 continue;
             };
-            let (item, lease) = &mut items[*n];
+            let item = &mut items[*n];
             item.status = outcome.status;
             item.attempts = outcome.attempts;
             item.next_attempt_at = outcome.next_attempt_at;
@@ -834,7 +759,6 @@ impl RunStore for MemoryRuns {
             if outcome.request_context.is_some() {
                 item.request_context = outcome.request_context.clone();
             }
-            *lease = None;
         }
         Ok(())
     }
@@ -844,11 +768,8 @@ impl RunStore for MemoryRuns {
         Ok(state.items.get(run).and_then(|items| {
             items
                 .iter()
-                .filter(|(i, _)| i.status == ItemStatus::Pending)
-                .map(|(i, lease)| {
-                    let retry = i.next_attempt_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
-                    lease.as_ref().map_or(retry, |l| retry.max(l.expires_at))
-                })
+                .filter(|i| i.status == ItemStatus::Pending)
+                .map(|i| i.next_attempt_at.unwrap_or(DateTime::<Utc>::MIN_UTC))
                 .min()
         }))
     }
@@ -856,10 +777,9 @@ impl RunStore for MemoryRuns {
     async fn cancel_pending(&self, run: &RunId, _now: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut state = lock(&self.state);
         let mut n = 0;
-        for (item, lease) in state.items.get_mut(run).into_iter().flatten() {
+        for item in state.items.get_mut(run).into_iter().flatten() {
             if item.status == ItemStatus::Pending {
                 item.status = ItemStatus::Cancelled;
-                *lease = None;
                 n += 1;
             }
         }
@@ -896,7 +816,7 @@ impl RunStore for MemoryRuns {
 
     async fn counts(&self, run: &RunId) -> Result<ItemCounts, StoreError> {
         let mut counts = ItemCounts::default();
-        for (item, _) in lock(&self.state).items.get(run).into_iter().flatten() {
+        for item in lock(&self.state).items.get(run).into_iter().flatten() {
             counts.add(item.status, 1);
         }
         Ok(counts)
@@ -918,7 +838,6 @@ impl RunStore for MemoryRuns {
             .get(run)
             .into_iter()
             .flatten()
-            .map(|(i, _)| i)
             .filter(|i| status.is_none_or(|s| s == i.status) && i.seq > after_seq.unwrap_or(0))
             .take(limit)
             .cloned()
@@ -945,9 +864,10 @@ impl RunStore for MemoryRuns {
             .filter(|r| filter.status.is_none_or(|s| r.status == s))
             .filter(|r| {
                 filter.user.as_ref().is_none_or(|user| {
-                    state.items.get(&r.id).is_some_and(|items| {
-                        items.iter().any(|(i, _)| i.user.as_ref() == Some(user))
-                    })
+                    state
+                        .items
+                        .get(&r.id)
+                        .is_some_and(|items| items.iter().any(|i| i.user.as_ref() == Some(user)))
                 })
             })
             .filter(|r| filter.created_from.is_none_or(|t| r.created_at >= t))
