@@ -1,17 +1,18 @@
 //! The BatchProcessor: one run from preparation to a terminal state.
 //!
 //! A run is prepared by its strategy and created with all its items (valid ones pending,
-//! invalid ones recorded as such). Executing it claims chunks of due items under the run's lease and
-//! executes them with the job's concurrency limit (a semaphore) and rate limit (governor),
-//! pipelined: the next chunk is claimed while the current one's last requests are in flight, and
-//! each chunk's outcomes are recorded in one store call as soon as its last request answered,
-//! while later chunks execute, so the concurrency limit stays full across chunk boundaries.
-//! Progress is published after every recorded chunk. [`Execution::run_next_chunk`] is one chunk
-//! at a time, without the pipeline, for callers that step a run. Retryable failures are
-//! rescheduled with the job's backoff (attempt count and next attempt time are stored, so a
-//! restart continues the schedule); permanent failures and panics fail the item. When nothing is pending, references are handed out and
-//! the run finishes with exact counts. A processor that opens an interrupted run only ever sees
-//! items that have not succeeded: succeeded items are never executed again.
+//! invalid ones recorded as such). Executing it claims chunks of due items under the run's
+//! lease and executes them with the job's concurrency limit (a semaphore) and rate limit
+//! (governor), pipelined: the next chunk is claimed while the current one's last requests are in
+//! flight, and each chunk's outcomes are recorded in one store call as soon as its last request
+//! answered, while later chunks execute, so the concurrency limit stays full across chunk
+//! boundaries. Progress is published after every recorded chunk. [`Execution::run_next_chunk`]
+//! is one chunk at a time, without the pipeline, for callers that step a run. Retryable
+//! failures are rescheduled with the job's backoff (attempt count and next attempt time are
+//! stored, so a restart continues the schedule); permanent failures and panics fail the item.
+//! When nothing is pending, references are handed out and the run finishes with exact counts. A
+//! processor that opens an interrupted run only ever sees items that have not succeeded:
+//! succeeded items are never executed again.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
