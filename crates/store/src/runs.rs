@@ -114,7 +114,17 @@ async fn insert_items(
             backend, &sql, values,
         ))
         .await
-        .map_err(db_error)?;
+        .map_err(|e| match db_error(e) {
+            // The only unique keys an item insert can break are the run's item keys (and
+            // positions, which follow on): not "the run exists already", which callers take
+            // for another replica having created it, so a run's duplicate key must not read as
+            // that.
+            StoreError::AlreadyExists(detail) => StoreError::Unexpected(format!(
+                "a key appears twice among the items of run {}: {detail}",
+                run.id
+            )),
+            other => other,
+        })?;
     }
     Ok(())
 }

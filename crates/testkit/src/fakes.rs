@@ -388,6 +388,14 @@ impl RunDraft for MemoryDraft<'_> {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let MemoryDraft { runs, run, items } = *self;
         let mut state = lock(&runs.state);
+        // Checked before anything is written, like the real store's transaction.
+        let mut keys = HashSet::new();
+        if let Some(twice) = items.iter().find(|item| !keys.insert(item.key.as_str())) {
+            return Err(StoreError::Unexpected(format!(
+                "a key appears twice among the items of run {}: {}",
+                run.id, twice.key
+            )));
+        }
         if let Some(occurrence) = run.occurrence {
             if state.run_occurrences.contains_key(&occurrence) {
                 return Err(StoreError::AlreadyExists(format!(
@@ -399,15 +407,8 @@ impl RunDraft for MemoryDraft<'_> {
         if state.runs.contains_key(&run.id) {
             return Err(StoreError::Unexpected(format!("duplicate run {}", run.id)));
         }
-        let mut keys = HashSet::new();
         let mut records = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
-            if !keys.insert(item.key.clone()) {
-                return Err(StoreError::Unexpected(format!(
-                    "duplicate item {}",
-                    item.key
-                )));
-            }
             records.push(ItemRecord {
                 seq: i64::try_from(i).unwrap_or(0) + 1,
                 key: item.key,
