@@ -2,7 +2,9 @@
 //! run's lease executes and records them. Writing a lease on every claimed item row cost more
 //! of PostgreSQL's time than anything else a chunk does (benchmark P1, issue 8); items are now
 //! read, not updated, when an execution takes them. Leases an older version left on items are
-//! dropped with the columns: the runs' leases still say who holds what.
+//! dropped with the columns: the runs' leases still say who holds what. Replicas of an older
+//! version write those columns, so every replica is stopped before this migration runs (no
+//! rolling upgrade across it).
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;

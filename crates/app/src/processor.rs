@@ -1013,8 +1013,8 @@ impl<'p> Execution<'p> {
     /// publish progress. Finishes the run when nothing is pending.
     ///
     /// # Errors
-    /// [`Error::Store`] with [`StoreError::LeaseLost`] when another processor took the run or a
-    /// chunk over (stop working on it), or when the store fails.
+    /// [`Error::Store`] with [`StoreError::LeaseLost`] when another processor took the run over
+    /// (stop working on it), or when the store fails.
     pub async fn run_next_chunk(&mut self) -> Result<Step, Error> {
         self.step(1, None).await
     }

@@ -388,7 +388,15 @@ impl RunDraft for MemoryDraft<'_> {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let MemoryDraft { runs, run, items } = *self;
         let mut state = lock(&runs.state);
-        // Checked before anything is written, like the real store's transaction.
+        // Checked before anything is written, like the real store's transaction, and in its
+        // order: the run's row (and its occurrence) before its items.
+        if let Some(occurrence) = run.occurrence
+            && state.run_occurrences.contains_key(&occurrence)
+        {
+            return Err(StoreError::AlreadyExists(format!(
+                "a run for occurrence {occurrence}"
+            )));
+        }
         let mut keys = HashSet::new();
         if let Some(twice) = items.iter().find(|item| !keys.insert(item.key.as_str())) {
             return Err(StoreError::Unexpected(format!(
@@ -396,16 +404,11 @@ impl RunDraft for MemoryDraft<'_> {
                 run.id, twice.key
             )));
         }
-        if let Some(occurrence) = run.occurrence {
-            if state.run_occurrences.contains_key(&occurrence) {
-                return Err(StoreError::AlreadyExists(format!(
-                    "a run for occurrence {occurrence}"
-                )));
-            }
-            state.run_occurrences.insert(occurrence, run.id.clone());
-        }
         if state.runs.contains_key(&run.id) {
             return Err(StoreError::Unexpected(format!("duplicate run {}", run.id)));
+        }
+        if let Some(occurrence) = run.occurrence {
+            state.run_occurrences.insert(occurrence, run.id.clone());
         }
         let mut records = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
