@@ -24,12 +24,13 @@ const INSERT_ROWS: usize = 1_000;
 /// Outcomes per `UPDATE … FROM (VALUES …)` on PostgreSQL: 7 parameters each.
 const OUTCOME_ROWS: usize = 1_000;
 
-/// Parameters per statement on SQLite. Binding costs grow with the square of a statement's
-/// parameters there (sqlx looks each one up by name, and SQLite finds a name by a linear
-/// scan): 8 000 parameters spent a third of a run's time binding (measured with `perf` in
-/// the P1 benchmark). Statements are in-process calls on SQLite, so more, smaller ones cost
-/// little.
-const SQLITE_PARAMETERS: usize = 512;
+/// Parameters per statement on SQLite, well below its limit of 32 766. Numbered parameters
+/// made binding cost the square of a statement's parameters (sqlx asks SQLite for each one's
+/// name, found by a linear scan): 8 000 of them spent a third of a P1 run binding, and even
+/// at 512 they took 7 % of its samples. SQLite statements are now sent with anonymous
+/// parameters ([`crate::statement`]), which bind in constant time, so a chunk's outcomes
+/// (500 × 7) go in one statement again (BENCHMARKS.md, session 9, has the figures).
+const SQLITE_PARAMETERS: usize = 4_096;
 
 /// Rows of `width` parameters per multi-row statement on `backend`, at most `most`.
 fn rows_per_statement(backend: DbBackend, width: usize, most: usize) -> usize {
@@ -110,21 +111,19 @@ async fn insert_items(
                 big(now),
             ]);
         }
-        conn.execute_raw(sea_orm::Statement::from_sql_and_values(
-            backend, &sql, values,
-        ))
-        .await
-        .map_err(|e| match db_error(e) {
-            // The only unique keys an item insert can break are the run's item keys (and
-            // positions, which follow on): not "the run exists already", which callers take
-            // for another replica having created it, so a run's duplicate key must not read as
-            // that.
-            StoreError::AlreadyExists(detail) => StoreError::Unexpected(format!(
-                "a key appears twice among the items of run {}: {detail}",
-                run.id
-            )),
-            other => other,
-        })?;
+        conn.execute_raw(crate::statement(backend, &sql, values))
+            .await
+            .map_err(|e| match db_error(e) {
+                // The only unique keys an item insert can break are the run's item keys (and
+                // positions, which follow on): not "the run exists already", which callers take
+                // for another replica having created it, so a run's duplicate key must not read as
+                // that.
+                StoreError::AlreadyExists(detail) => StoreError::Unexpected(format!(
+                    "a key appears twice among the items of run {}: {detail}",
+                    run.id
+                )),
+                other => other,
+            })?;
     }
     Ok(())
 }
