@@ -252,7 +252,7 @@ async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
 /// carries what the processor's call for the same user carries (an idempotency key of the
 /// same form, the user's payload, the template's default `parameters`), so both sides pay the
 /// same for encoding, decoding and the fake's answer; only what the processor adds around the
-/// call is left to compare. (Until session 9 the bare calls were empty: 20–30 % lighter.)
+/// call is left to compare. (Until session 9 the bare calls were empty.)
 async fn bare_loop(
     url: &str,
     items: usize,
