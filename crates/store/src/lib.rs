@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::runs::StoreError;
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, Statement, Value};
 
 mod categories;
@@ -85,6 +86,15 @@ impl Store {
             // One connection: SQLite has one writer anyway, and in-memory databases exist per
             // connection.
             options.max_connections(1).min_connections(1);
+            // A write-ahead log: a commit appends to one file and syncs it once, where the
+            // default rollback journal writes and syncs the journal and the database and then
+            // deletes the journal. Synchronous FULL keeps every commit durable across a power
+            // loss, as before. (In-memory databases keep their own journal.)
+            options.map_sqlx_sqlite_opts(|sqlite| {
+                sqlite
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+            });
         } else {
             options.max_connections(16);
         }

@@ -1835,6 +1835,37 @@ async fn the_embedded_database_is_created_and_migrated_on_first_use() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The embedded database commits to a write-ahead log, synced at every commit: one file
+/// appended and synced once per commit, where the rollback journal wrote and synced two and
+/// deleted one; a commit stays durable across a power loss.
+#[tokio::test]
+async fn the_embedded_database_commits_to_a_write_ahead_log_synced_at_every_commit() {
+    let dir = std::env::temp_dir().join(format!("batch-wal-{}", uuid_like()));
+    let url = format!("sqlite://{}/batch.db?mode=rwc", dir.display());
+    let store = Store::open(&url, true).await.unwrap();
+    seed_run(&store, 3).await;
+    let pragma =
+        |name: &str| Statement::from_string(sea_orm::DbBackend::Sqlite, format!("PRAGMA {name}"));
+    let conn = store.connection();
+    let journal = conn
+        .query_one_raw(pragma("journal_mode"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(journal.try_get_by_index::<String>(0).unwrap(), "wal");
+    let synchronous = conn
+        .query_one_raw(pragma("synchronous"))
+        .await
+        .unwrap()
+        .unwrap();
+    // 2 is FULL.
+    assert_eq!(synchronous.try_get_by_index::<i64>(0).unwrap(), 2);
+    // The commits went to the log, next to the database.
+    assert!(dir.join("batch.db-wal").exists());
+    drop(store);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 fn uuid_like() -> String {
     format!(
         "{}-{}",
