@@ -74,14 +74,20 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
                 value: ratio,
                 unit: "ratio",
                 detail: format!(
-                    "{items} items, concurrency 64, latency 0: processor {:.0}/s (prepare {:.1} s, execute {:.1} s), bare tonic loop {:.0}/s; CPU per item: processor run {:.0} µs in process + {:.0} µs in PostgreSQL, bare loop {:.0} µs",
+                    "{items} items, concurrency 64, latency 0: processor {:.0}/s (prepare {:.1} s, execute {:.1} s), bare tonic loop {:.0}/s ({:.0}/s before the processor, {:.0}/s after); a call at the client {:.2} ms (bare {:.2} ms); CPU per item: processor run {:.0} µs in process + {:.0} µs in PostgreSQL, bare loop {:.0} µs; with every core busy the processor's CPU would allow {:.0}/s, {:.2} of the bare loop",
                     number(&line, "processor_per_s")?,
                     number(&line, "prepare_s")?,
                     number(&line, "execute_s")?,
                     number(&line, "bare_per_s")?,
+                    number(&line, "bare_before_per_s")?,
+                    number(&line, "bare_after_per_s")?,
+                    number(&line, "processor_client_call_ms")?,
+                    number(&line, "bare_client_call_ms")?,
                     number(&line, "processor_cpu_us_per_item")?,
                     number(&line, "database_cpu_us_per_item")?,
-                    number(&line, "bare_cpu_us_per_item")?
+                    number(&line, "bare_cpu_us_per_item")?,
+                    number(&line, "processor_cpu_ceiling_per_s")?,
+                    number(&line, "processor_cpu_ceiling_per_s")? / number(&line, "bare_per_s")?
                 ),
                 goal: Some((">= 0.8", ratio >= 0.8)),
             });

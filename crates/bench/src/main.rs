@@ -5,8 +5,8 @@
 //! * `throughput` (P1, P2, P3): an Individual run of N users through the real processor with
 //!   persistence (SQLite file or a private PostgreSQL cluster with `pg_stat_statements`)
 //!   against the fake Request service (real tonic), compared with a bare tonic client loop
-//!   that keeps the same number of calls in flight against the same fake; on PostgreSQL also
-//!   the database statements per item.
+//!   that keeps the same number of calls in flight against the same fake, run before the
+//!   processor and again after it; on PostgreSQL also the database statements per item.
 //! * `memory` (P4) and `replicas` (P6): the real `batch-server` binary (see [`server`]).
 //! * `scheduler` (P5): the scheduler's idle tick, grouping and burst costs (see [`scheduler`]).
 #![forbid(unsafe_code)]
@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -31,7 +31,7 @@ use batch_clients::local::FileTemplates;
 use batch_domain::config::parse_job;
 use batch_domain::run::{RunStatus, Trigger};
 use batch_domain::{TemplateId, TenantId};
-use batch_ports::{Clock, SystemClock, TemplateSource};
+use batch_ports::{Clock, ExecuteError, Request, RequestExecutor, SystemClock, TemplateSource};
 use batch_proto::request::v1 as request;
 use batch_proto::request::v1::request_service_client::RequestServiceClient;
 use batch_store::Store;
@@ -114,8 +114,11 @@ impl Backing {
                 Backing::Sqlite(dir)
             }
             "postgres" => Backing::Postgres(
-                PrivateCluster::start_with("-c shared_preload_libraries=pg_stat_statements")
-                    .map_err(|batch_testkit::Unavailable::Skip(why)| anyhow::anyhow!(why))?,
+                PrivateCluster::start_with(
+                    "-c shared_preload_libraries=pg_stat_statements \
+                     -c pg_stat_statements.track_planning=on",
+                )
+                .map_err(|batch_testkit::Unavailable::Skip(why)| anyhow::anyhow!(why))?,
             ),
             other => bail!("unknown backend {other:?} (sqlite or postgres)"),
         })
@@ -140,6 +143,45 @@ impl Drop for Backing {
 /// The run id the bare loop's idempotency keys begin with, as the processor's begin with its
 /// run's: a UUID no run is given (the processor's are version 7).
 const BARE_RUN: &str = "00000000-0000-0000-0000-000000000000";
+
+/// The calls a side made and the time they took at the client, from the call's start to its
+/// answer: against the time the same calls spent at the fake, what the gRPC path added.
+#[derive(Debug, Default)]
+struct CallTimes {
+    calls: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl CallTimes {
+    /// Counts one call that started at `started` and has just answered.
+    fn add(&self, started: Instant) {
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The mean call, in milliseconds.
+    fn mean_ms(&self) -> f64 {
+        let calls = self.calls.load(Ordering::Relaxed).max(1);
+        self.nanos.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6
+    }
+}
+
+/// The processor's executor, timing each call at the client as the bare loop times its own.
+struct Timed {
+    inner: GrpcExecutor,
+    times: Arc<CallTimes>,
+}
+
+#[async_trait::async_trait]
+impl RequestExecutor for Timed {
+    async fn execute(&self, request: Request) -> Result<serde_json::Value, ExecuteError> {
+        let started = Instant::now();
+        let answer = self.inner.execute(request).await;
+        self.times.add(started);
+        answer
+    }
+}
 
 /// Runs `throughput` and prints its JSON line.
 async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
@@ -167,9 +209,25 @@ async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         .await
         .context("the bench job's template")?
         .parameter_defaults;
-    let cpu_before_bare = cpu::this_process();
-    let bare = bare_loop(&server.url(), args.items, args.concurrency, &parameters).await?;
-    let bare_cpu = cpu::this_process() - cpu_before_bare;
+    let (bare_times, processor_times) = (
+        Arc::new(CallTimes::default()),
+        Arc::new(CallTimes::default()),
+    );
+    // The bare loop runs before the processor and again after it, and its rate is taken over
+    // both: a machine whose speed drifts during the run then moves both sides alike.
+    let bare_pass = || async {
+        let cpu_before = cpu::this_process();
+        let took = bare_loop(
+            &server.url(),
+            args.items,
+            args.concurrency,
+            &parameters,
+            &bare_times,
+        )
+        .await?;
+        anyhow::Ok((took, cpu::this_process() - cpu_before))
+    };
+    let (bare_before, bare_cpu_before) = bare_pass().await?;
     let backing = Backing::open(&args.backend)?;
     let url = backing.url();
     let store = Arc::new(
@@ -188,10 +246,19 @@ async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         Backing::Sqlite(_) => Duration::ZERO,
     };
     let (own_before, database_before) = (cpu::this_process(), database_cpu());
-    let timing =
-        tokio::spawn(processor_run(args.clone(), server.url(), store, templates)).await??;
+    let timing = tokio::spawn(processor_run(
+        args.clone(),
+        server.url(),
+        store,
+        templates,
+        processor_times.clone(),
+    ))
+    .await??;
     let own_cpu = cpu::this_process() - own_before;
     let db_cpu = database_cpu().saturating_sub(database_before);
+    let (bare_after, bare_cpu_after) = bare_pass().await?;
+    let (bare, bare_cpu) = (bare_before + bare_after, bare_cpu_before + bare_cpu_after);
+    let bare_calls = 2 * args.items;
     let processed = timing.prepare + timing.execute;
     let per_item_us = |d: Duration| d.as_secs_f64() * 1e6 / args.items as f64;
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -224,22 +291,31 @@ async fn throughput(args: &ThroughputArgs) -> anyhow::Result<()> {
         "concurrency": args.concurrency,
         "chunk_size": args.chunk_size,
         "processor_per_s": args.items as f64 / processed.as_secs_f64(),
-        "bare_per_s": args.items as f64 / bare.as_secs_f64(),
+        "bare_per_s": bare_calls as f64 / bare.as_secs_f64(),
+        "bare_before_per_s": args.items as f64 / bare_before.as_secs_f64(),
+        "bare_after_per_s": args.items as f64 / bare_after.as_secs_f64(),
         "littles_law_per_s": ceiling,
         "statements_per_item": per_item,
         "prepare_s": timing.prepare.as_secs_f64(),
         "execute_s": timing.execute.as_secs_f64(),
         "cores": cores,
-        "bare_cpu_us_per_item": per_item_us(bare_cpu),
+        "bare_cpu_us_per_item": per_item_us(bare_cpu) / 2.0,
         "bare_cpu_busy": bare_cpu.as_secs_f64() / (bare.as_secs_f64() * cores as f64),
         "processor_cpu_us_per_item": per_item_us(own_cpu),
         "database_cpu_us_per_item": per_item_us(db_cpu),
         "processor_cpu_busy": (own_cpu + db_cpu).as_secs_f64()
             / (processed.as_secs_f64() * cores as f64),
+        // The most the processor could make if it kept every core busy with the CPU it spent
+        // per item (in this process and in PostgreSQL, which share the cores): an upper bound
+        // that no scheduling can pass, whatever the round trip.
+        "processor_cpu_ceiling_per_s": args.items as f64 * cores as f64
+            / (own_cpu + db_cpu).as_secs_f64(),
         "bare_mean_in_flight": bare_in_fake.as_secs_f64() / bare.as_secs_f64(),
         "processor_mean_in_flight": processor_in_fake.as_secs_f64() / timing.execute.as_secs_f64(),
         "bare_mean_call_ms": bare_call.as_secs_f64() * 1e3,
         "processor_mean_call_ms": processor_call.as_secs_f64() * 1e3,
+        "bare_client_call_ms": bare_times.mean_ms(),
+        "processor_client_call_ms": processor_times.mean_ms(),
         "top_statements": top,
     });
     println!("{line}");
@@ -258,6 +334,7 @@ async fn bare_loop(
     items: usize,
     concurrency: usize,
     parameters: &serde_json::Map<String, serde_json::Value>,
+    times: &Arc<CallTimes>,
 ) -> anyhow::Result<Duration> {
     let client = RequestServiceClient::new(
         tonic::transport::Endpoint::from_shared(url.to_owned())?
@@ -273,6 +350,7 @@ async fn bare_loop(
         let client = client.clone();
         let next = next.clone();
         let parameters = parameters.clone();
+        let times = times.clone();
         workers.spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -280,6 +358,7 @@ async fn bare_loop(
                     return Ok::<(), tonic::Status>(());
                 }
                 let user = format!("user{n:07}");
+                let started = Instant::now();
                 let key = format!("{BARE_RUN}:{user}");
                 client
                     .clone()
@@ -296,6 +375,7 @@ async fn bare_loop(
                         ..request::ExecuteRequest::default()
                     })
                     .await?;
+                times.add(started);
             }
         });
     }
@@ -386,7 +466,8 @@ async fn top_statements(url: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         .query_all_raw(sea_orm::Statement::from_string(
             conn.get_database_backend(),
             "SELECT LEFT(regexp_replace(query, '\\s+', ' ', 'g'), 90) AS query, calls::BIGINT AS calls, \
-             rows::BIGINT AS rows, total_exec_time::FLOAT8 AS total_ms FROM pg_stat_statements \
+             rows::BIGINT AS rows, total_exec_time::FLOAT8 AS total_ms, \
+             total_plan_time::FLOAT8 AS plan_ms FROM pg_stat_statements \
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              AND query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT 6",
         ))
@@ -399,6 +480,7 @@ async fn top_statements(url: &str) -> anyhow::Result<Vec<serde_json::Value>> {
                 "calls": row.try_get::<i64>("", "calls")?,
                 "rows": row.try_get::<i64>("", "rows")?,
                 "total_ms": row.try_get::<f64>("", "total_ms")?,
+                "plan_ms": row.try_get::<f64>("", "plan_ms")?,
             }))
         })
         .collect()
@@ -410,6 +492,7 @@ async fn processor_run(
     endpoint: String,
     store: Arc<Store>,
     templates: Arc<FileTemplates>,
+    times: Arc<CallTimes>,
 ) -> anyhow::Result<Timing> {
     let job = parse_job(serde_json::json!({
         "id": "bench", "tenant": "bench", "type": "INDIVIDUAL_USERS", "template": "digest",
@@ -419,11 +502,14 @@ async fn processor_run(
     }))
     .map_err(|p| anyhow::anyhow!("the bench job: {p}"))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let executor = Arc::new(GrpcExecutor::new(
-        &ChannelSettings::new(endpoint),
-        BreakerSettings::default(),
-        clock.clone(),
-    )?);
+    let executor = Arc::new(Timed {
+        inner: GrpcExecutor::new(
+            &ChannelSettings::new(endpoint),
+            BreakerSettings::default(),
+            clock.clone(),
+        )?,
+        times,
+    });
     let ports = Ports {
         runs: store.clone(),
         contexts: store.clone(),
