@@ -122,6 +122,9 @@ pub struct BatchProcessor {
     executing: Mutex<HashSet<RunId>>,
     /// Bumped on every cancel, so executions waiting on requests notice at once.
     cancel_signal: watch::Sender<u64>,
+    /// Wakes the idle slots of [`BatchProcessor::work_until_stopped`] when a run is queued,
+    /// so it starts at once instead of at the slot's next look.
+    queued: tokio::sync::Notify,
     watchers: Mutex<HashMap<RunId, watch::Sender<Option<ProgressEvent>>>>,
     rng: Mutex<SmallRng>,
 }
@@ -144,6 +147,7 @@ impl BatchProcessor {
             cancelled: Mutex::new(HashSet::new()),
             executing: Mutex::new(HashSet::new()),
             cancel_signal: watch::channel(0).0,
+            queued: tokio::sync::Notify::new(),
             watchers: Mutex::new(HashMap::new()),
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
         }
@@ -323,7 +327,15 @@ impl BatchProcessor {
         let context = ContextManager::draft(prepared, samples, pending);
         self.contexts.create(job, &record, context).await?;
         tracing::info!(run = %id, job = %job.id, items = added, "run created");
+        self.wake_idle_slots();
         Ok(record)
+    }
+
+    /// Wakes the slots of [`BatchProcessor::work_until_stopped`] that are waiting for work, so
+    /// that they look for a queued run now instead of at their next look. The processor calls
+    /// it for the runs it creates; a server calls it when another replica says it queued one.
+    pub fn wake_idle_slots(&self) {
+        self.queued.notify_waiters();
     }
 
     /// Takes `run` of `job` over for execution: `None` when it has ended or another processor
@@ -423,7 +435,8 @@ impl BatchProcessor {
 
     /// Claims and runs runs of the jobs of `jobs` (as it is at each claim) in `slots`
     /// concurrent slots until `stop` turns true; a slot with
-    /// nothing to claim waits `idle_wait` on the clock. On stop, each slot finishes the chunk
+    /// nothing to claim waits `idle_wait` on the clock, or until a run is queued
+    /// ([`BatchProcessor::wake_idle_slots`]), whichever comes first. On stop, each slot finishes the chunk
     /// it is executing, records it and releases its run's lease, so another replica resumes
     /// the run at once. A store failure is logged and the slot tries again after `idle_wait`
     /// (a database that went away loses no work: leases expire and are rescued).
@@ -441,6 +454,10 @@ impl BatchProcessor {
             let mut stop = stop.clone();
             set.spawn(async move {
                 while !*stop.borrow() {
+                    // Listening before looking: a run queued while the slot looks wakes it.
+                    let woken = processor.queued.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
                     let idle = match processor.claim_next(&jobs.jobs()).await {
                         Ok(Some(mut execution)) => {
                             let span = tracing::info_span!(
@@ -468,6 +485,7 @@ impl BatchProcessor {
                     if idle {
                         tokio::select! {
                             () = processor.ports.clock.sleep(idle_wait) => {}
+                            () = &mut woken => {}
                             _ = stop.changed() => {}
                         }
                     }

@@ -1219,6 +1219,43 @@ async fn a_run_whose_owner_stops_renewing_is_rescued_after_its_lease_expires() {
 }
 
 #[tokio::test]
+async fn a_run_created_while_the_slots_are_idle_starts_at_once_not_at_their_next_look() {
+    let world = World::new(Behaviour::default());
+    world.with_users(3);
+    let job = job(json!({"overlap": "allow_all"}));
+    let jobs = Arc::new(batch_app::catalog::JobCatalog::new(std::slice::from_ref(
+        &job,
+    )));
+    let processor = world.processor_with(settings("p1"));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // The slot finds nothing and waits an hour on the clock before it looks again.
+    let worker = tokio::spawn(processor.clone().work_until_stopped(
+        jobs,
+        1,
+        std::time::Duration::from_secs(3_600),
+        stopped,
+    ));
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let run = start_manual(&processor, &job).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let record = loop {
+        let record = world.runs.run(&job.tenant, &run.id).await.unwrap();
+        if record.status.is_terminal() {
+            break record;
+        }
+        assert!(std::time::Instant::now() < deadline, "the run never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert_eq!(record.status, RunStatus::Succeeded);
+    // Claimed at the clock's time of its creation: the slot did not sleep its hour out.
+    assert_eq!(record.started_at, Some(run.created_at));
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
+#[tokio::test]
 async fn graceful_shutdown_finishes_the_chunk_and_releases_the_lease_at_once() {
     let world = World::new(Behaviour::default());
     world.with_users(6);

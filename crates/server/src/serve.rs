@@ -111,6 +111,44 @@ pub(crate) struct ServeArgs {
 }
 
 /// Waits for SIGTERM or SIGINT.
+/// Wakes the processor's idle slots whenever a process on the same PostgreSQL database (this
+/// one or another replica) queues a run, so it starts at once rather than at the slots' next
+/// look, a tick later. On SQLite there is no one else to hear: the processor wakes its own
+/// slots. A lost connection is opened again a tick later; meanwhile the slots look every tick.
+async fn wake_on_queued_runs(
+    store: Arc<batch_store::Store>,
+    processor: Arc<BatchProcessor>,
+    tick: Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    while !*stopped.borrow() {
+        let listening = tokio::select! {
+            listening = store.listen_for_queued_runs() => listening,
+            _ = stopped.changed() => return,
+        };
+        match listening {
+            Ok(None) => return,
+            Ok(Some(mut queued)) => loop {
+                tokio::select! {
+                    next = queued.next() => match next {
+                        Ok(_) => processor.wake_idle_slots(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "listening for queued runs stopped");
+                            break;
+                        }
+                    },
+                    _ = stopped.changed() => return,
+                }
+            },
+            Err(e) => tracing::debug!(error = %e, "listening for queued runs failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            _ = stopped.changed() => {}
+        }
+    }
+}
+
 async fn termination() {
     #[cfg(unix)]
     {
@@ -240,6 +278,12 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tick,
         stopped.clone(),
     ));
+    let hearing = tokio::spawn(wake_on_queued_runs(
+        store.clone(),
+        processor.clone(),
+        tick,
+        stopped.clone(),
+    ));
     let watching_health = {
         let store = store.clone();
         let health = health.clone();
@@ -332,6 +376,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = scheduling.await;
         let _ = following.await;
         let _ = working.await;
+        let _ = hearing.await;
         let _ = watching_health.await;
     })
     .await;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use batch_migration::{ExternalMigrator, Migrator, MigratorTrait};
 use batch_ports::runs::StoreError;
+use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, Statement, Value};
 
@@ -60,6 +61,34 @@ fn sqlite_file(url: &str) -> Option<PathBuf> {
         return None;
     }
     Some(PathBuf::from(path))
+}
+
+/// A PostgreSQL connection listening for queued runs ([`Store::listen_for_queued_runs`]). It holds one
+/// of the pool's connections while it lives.
+pub struct QueuedRuns {
+    listener: PgListener,
+}
+
+impl std::fmt::Debug for QueuedRuns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedRuns").finish_non_exhaustive()
+    }
+}
+
+impl QueuedRuns {
+    /// Waits for the next announcement of a queued run and returns its id. A connection lost
+    /// meanwhile is opened again at the next call; announcements made while it was down are
+    /// lost, which only delays those runs to the slots' next look.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the connection was lost or cannot be opened again.
+    pub async fn next(&mut self) -> Result<String, StoreError> {
+        self.listener
+            .recv()
+            .await
+            .map(|notification| notification.payload().to_owned())
+            .map_err(|e| StoreError::Unavailable(format!("listening for queued runs: {e}")))
+    }
 }
 
 impl Store {
@@ -163,6 +192,27 @@ impl Store {
     /// The underlying connection, for fixtures that load data.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// Announcements, from every process on the same PostgreSQL database, that a run was
+    /// queued: a server wakes its idle slots with them, so a run another replica created (or
+    /// released as it stopped) starts at once rather than at the slots' next look. `None` on
+    /// SQLite, where one process does all the work and knows its own runs.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the listening connection cannot be opened.
+    pub async fn listen_for_queued_runs(&self) -> Result<Option<QueuedRuns>, StoreError> {
+        if self.backend() != DbBackend::Postgres {
+            return Ok(None);
+        }
+        let mut listener = PgListener::connect_with(self.db.get_postgres_connection_pool())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("listening for queued runs: {e}")))?;
+        listener
+            .listen(runs::QUEUED_CHANNEL)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("listening for queued runs: {e}")))?;
+        Ok(Some(QueuedRuns { listener }))
     }
 
     /// Takes the right to claim work now rather than at the first claim: a server calls it at

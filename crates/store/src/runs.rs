@@ -19,6 +19,10 @@ use crate::convert::{
 
 /// Rows per multi-row `INSERT` on PostgreSQL: 8 parameters each stays far below its 65 535
 /// parameters per statement, and one statement per thousand items keeps round trips rare.
+/// The PostgreSQL channel on which the store announces a run that was queued (created, or
+/// released by a stopping process): `Store::listen_for_queued_runs` listens on it.
+pub(crate) const QUEUED_CHANNEL: &str = "batch_runs_queued";
+
 const INSERT_ROWS: usize = 1_000;
 
 /// Outcomes per `UPDATE … FROM (VALUES …)` on PostgreSQL: 7 parameters each.
@@ -47,9 +51,22 @@ impl Store {
         conn: &impl ConnectionTrait,
         run: &NewRun,
     ) -> Result<(), StoreError> {
-        let sql = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
+        let insert = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
                 scheduled_for_ms, parent_id, created_ms, serial, group_key) \
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+        // On PostgreSQL the insert also announces the run to every process listening
+        // (`Store::listen_for_queued_runs`); the announcement goes out when the run commits, and not at
+        // all if it rolls back.
+        let announced;
+        let sql = if self.backend() == DbBackend::Postgres {
+            announced = format!(
+                "WITH inserted AS ({insert} RETURNING id) \
+                 SELECT pg_notify('{QUEUED_CHANNEL}', id) FROM inserted"
+            );
+            announced.as_str()
+        } else {
+            insert
+        };
         conn.execute_raw(self.statement(
             sql,
             vec![
@@ -616,12 +633,21 @@ impl RunStore for Store {
     }
 
     async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError> {
+        let release = "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL \
+                 WHERE id = $1 AND lease_owner = $2";
+        // A released run is queued again: on PostgreSQL the listening processes hear of it.
+        let announced;
+        let sql = if self.backend() == DbBackend::Postgres {
+            announced = format!(
+                "WITH released AS ({release} RETURNING id) \
+                 SELECT pg_notify('{QUEUED_CHANNEL}', id) FROM released"
+            );
+            announced.as_str()
+        } else {
+            release
+        };
         self.db
-            .execute_raw(self.statement(
-                "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL \
-                 WHERE id = $1 AND lease_owner = $2",
-                vec![text(run.as_str()), text(owner)],
-            ))
+            .execute_raw(self.statement(sql, vec![text(run.as_str()), text(owner)]))
             .await
             .map_err(db_error)?;
         Ok(())

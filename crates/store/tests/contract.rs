@@ -1874,6 +1874,51 @@ fn uuid_like() -> String {
     )
 }
 
+/// On PostgreSQL every process hears of a run another one queued: created (at its commit,
+/// not before, and not if it rolled back) or released by a stopping process.
+#[tokio::test]
+async fn another_process_hears_of_a_queued_run_at_its_commit() {
+    let Some((db, first)) = fresh(Backend::Postgres).await else {
+        return;
+    };
+    let second = Store::connect(&db.url).await.unwrap();
+    let mut queued = second
+        .listen_for_queued_runs()
+        .await
+        .unwrap()
+        .expect("PostgreSQL listens");
+    async fn next(queued: &mut batch_store::QueuedRuns) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(30), queued.next())
+            .await
+            .expect("announced in time")
+            .unwrap()
+    }
+    // A draft that is dropped announces nothing; the committed one does.
+    let dropped = first.begin_run(new_run("r0", "acme", t0())).await.unwrap();
+    drop(dropped);
+    first
+        .create_run(new_run("r1", "acme", t0()), items(2))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut queued).await, "r1");
+    let claimed = first
+        .claim_runs("a", t0(), t0() + Duration::seconds(30), 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    // Released by its owner (a server stopping): queued again, and announced.
+    first
+        .release_lease(&RunId::parse("r1").unwrap(), "a")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut queued).await, "r1");
+    // SQLite has no other process to tell.
+    let Some((_sqlite, embedded)) = fresh(Backend::Sqlite).await else {
+        return;
+    };
+    assert!(embedded.listen_for_queued_runs().await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn a_second_process_on_one_sqlite_file_cannot_claim_work() {
     let Some((db, first)) = fresh(Backend::Sqlite).await else {
