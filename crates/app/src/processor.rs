@@ -434,12 +434,13 @@ impl BatchProcessor {
     }
 
     /// Claims and runs runs of the jobs of `jobs` (as it is at each claim) in `slots`
-    /// concurrent slots until `stop` turns true; a slot with
-    /// nothing to claim waits `idle_wait` on the clock, or until a run is queued
-    /// ([`BatchProcessor::wake_idle_slots`]), whichever comes first. On stop, each slot finishes the chunk
-    /// it is executing, records it and releases its run's lease, so another replica resumes
-    /// the run at once. A store failure is logged and the slot tries again after `idle_wait`
-    /// (a database that went away loses no work: leases expire and are rescued).
+    /// concurrent slots until `stop` turns true; a slot with nothing to claim waits
+    /// `idle_wait` on the clock, or until a run is queued
+    /// ([`BatchProcessor::wake_idle_slots`]), whichever comes first. On stop, each slot
+    /// finishes the chunk it is executing, records it and releases its run's lease, so another
+    /// replica resumes the run at once. A store failure is logged and the slot tries again
+    /// after `idle_wait` (a database that went away loses no work: leases expire and are
+    /// rescued).
     pub async fn work_until_stopped(
         self: Arc<Self>,
         jobs: Arc<JobCatalog>,

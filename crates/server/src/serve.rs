@@ -110,7 +110,6 @@ pub(crate) struct ServeArgs {
     pub(crate) tick_ms: u64,
 }
 
-/// Waits for SIGTERM or SIGINT.
 /// Wakes the processor's idle slots whenever a process on the same PostgreSQL database (this
 /// one or another replica) queues a run, so it starts at once rather than at the slots' next
 /// look, a tick later. On SQLite there is no one else to hear: the processor wakes its own
@@ -149,6 +148,7 @@ async fn wake_on_queued_runs(
     }
 }
 
+/// Waits for SIGTERM or SIGINT.
 async fn termination() {
     #[cfg(unix)]
     {

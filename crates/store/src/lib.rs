@@ -63,8 +63,8 @@ fn sqlite_file(url: &str) -> Option<PathBuf> {
     Some(PathBuf::from(path))
 }
 
-/// A PostgreSQL connection listening for queued runs ([`Store::listen_for_queued_runs`]). It holds one
-/// of the pool's connections while it lives.
+/// A PostgreSQL connection listening for queued runs ([`Store::listen_for_queued_runs`]). It
+/// holds one of the pool's connections while it lives.
 pub struct QueuedRuns {
     listener: PgListener,
 }

@@ -17,12 +17,12 @@ use crate::convert::{
     optional_text, run_record, text,
 };
 
-/// Rows per multi-row `INSERT` on PostgreSQL: 8 parameters each stays far below its 65 535
-/// parameters per statement, and one statement per thousand items keeps round trips rare.
 /// The PostgreSQL channel on which the store announces a run that was queued (created, or
 /// released by a stopping process): `Store::listen_for_queued_runs` listens on it.
 pub(crate) const QUEUED_CHANNEL: &str = "batch_runs_queued";
 
+/// Rows per multi-row `INSERT` on PostgreSQL: 8 parameters each stays far below its 65 535
+/// parameters per statement, and one statement per thousand items keeps round trips rare.
 const INSERT_ROWS: usize = 1_000;
 
 /// Outcomes per `UPDATE … FROM (VALUES …)` on PostgreSQL: 7 parameters each.
@@ -55,8 +55,8 @@ impl Store {
                 scheduled_for_ms, parent_id, created_ms, serial, group_key) \
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
         // On PostgreSQL the insert also announces the run to every process listening
-        // (`Store::listen_for_queued_runs`); the announcement goes out when the run commits, and not at
-        // all if it rolls back.
+        // (`Store::listen_for_queued_runs`); the announcement goes out when the run commits,
+        // and not at all if it rolls back.
         let announced;
         let sql = if self.backend() == DbBackend::Postgres {
             announced = format!(
