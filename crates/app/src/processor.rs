@@ -327,6 +327,12 @@ impl BatchProcessor {
         let context = ContextManager::draft(prepared, samples, pending);
         self.contexts.create(job, &record, context).await?;
         tracing::info!(run = %id, job = %job.id, items = added, "run created");
+        // Only now is the run ready to execute (an execution updates its context): idle slots
+        // here and in other processes may take it at once. The announcement is a hint; a run
+        // not announced waits for the slots' next look.
+        if let Err(e) = self.ports.runs.announce_queued(id).await {
+            tracing::debug!(run = %id, error = %e, "the run could not be announced");
+        }
         self.wake_idle_slots();
         Ok(record)
     }

@@ -366,8 +366,21 @@ pub trait RunStore: Send + Sync {
     /// [`StoreError::Unavailable`] when the database cannot be reached.
     async fn active_runs(&self, job: &JobId) -> Result<Vec<RunRecord>, StoreError>;
 
+    /// Tells every process sharing the store that `run` is queued and ready to claim (its
+    /// items and first context written), so their idle workers take it at once instead of at
+    /// their next look. A hint, not a guarantee: the default announces nothing, and workers
+    /// still look on their own schedule.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached.
+    async fn announce_queued(&self, run: &RunId) -> Result<(), StoreError> {
+        let _ = run;
+        Ok(())
+    }
+
     /// Gives the lease on `run` up at once, so another process can resume it (graceful
-    /// shutdown). Releasing a lease one does not hold is a no-op.
+    /// shutdown). Releasing a lease one does not hold is a no-op. A store that announces
+    /// queued runs ([`RunStore::announce_queued`]) announces a released one too.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached.

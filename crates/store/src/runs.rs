@@ -51,22 +51,9 @@ impl Store {
         conn: &impl ConnectionTrait,
         run: &NewRun,
     ) -> Result<(), StoreError> {
-        let insert = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
+        let sql = "INSERT INTO runs (id, job_id, tenant, status, trigger, priority, \
                 scheduled_for_ms, parent_id, created_ms, serial, group_key) \
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
-        // On PostgreSQL the insert also announces the run to every process listening
-        // (`Store::listen_for_queued_runs`); the announcement goes out when the run commits,
-        // and not at all if it rolls back.
-        let announced;
-        let sql = if self.backend() == DbBackend::Postgres {
-            announced = format!(
-                "WITH inserted AS ({insert} RETURNING id) \
-                 SELECT pg_notify('{QUEUED_CHANNEL}', id) FROM inserted"
-            );
-            announced.as_str()
-        } else {
-            insert
-        };
         conn.execute_raw(self.statement(
             sql,
             vec![
@@ -630,6 +617,20 @@ impl RunStore for Store {
             .await
             .map_err(db_error)?;
         rows.iter().map(run_record).collect()
+    }
+
+    async fn announce_queued(&self, run: &RunId) -> Result<(), StoreError> {
+        // On PostgreSQL every process listening (`Store::listen_for_queued_runs`) hears it.
+        if self.backend() == DbBackend::Postgres {
+            self.db
+                .execute_raw(self.statement(
+                    "SELECT pg_notify($1, $2)",
+                    vec![text(QUEUED_CHANNEL), text(run.as_str())],
+                ))
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(())
     }
 
     async fn release_lease(&self, run: &RunId, owner: &str) -> Result<(), StoreError> {

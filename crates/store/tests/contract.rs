@@ -1874,10 +1874,10 @@ fn uuid_like() -> String {
     )
 }
 
-/// On PostgreSQL every process hears of a run another one queued: created (at its commit,
-/// not before, and not if it rolled back) or released by a stopping process.
+/// On PostgreSQL every process hears of a run another one announced as queued, or released
+/// as it stopped; creating a run announces nothing by itself (its context comes after).
 #[tokio::test]
-async fn another_process_hears_of_a_queued_run_at_its_commit() {
+async fn another_process_hears_of_an_announced_or_released_run() {
     let Some((db, first)) = fresh(Backend::Postgres).await else {
         return;
     };
@@ -1893,29 +1893,37 @@ async fn another_process_hears_of_a_queued_run_at_its_commit() {
             .expect("announced in time")
             .unwrap()
     }
-    // A draft that is dropped announces nothing; the committed one does.
-    let dropped = first.begin_run(new_run("r0", "acme", t0())).await.unwrap();
-    drop(dropped);
+    let r1 = RunId::parse("r1").unwrap();
+    first
+        .create_run(new_run("r0", "acme", t0()), items(1))
+        .await
+        .unwrap();
     first
         .create_run(new_run("r1", "acme", t0()), items(2))
         .await
         .unwrap();
-    assert_eq!(next(&mut queued).await, "r1");
+    first.announce_queued(&r1).await.unwrap();
+    assert_eq!(next(&mut queued).await, "r1", "r0 was never announced");
     let claimed = first
-        .claim_runs("a", t0(), t0() + Duration::seconds(30), 1)
+        .claim_runs("a", t0(), t0() + Duration::seconds(30), 2)
         .await
         .unwrap();
-    assert_eq!(claimed.len(), 1);
-    // Released by its owner (a server stopping): queued again, and announced.
+    assert_eq!(claimed.len(), 2);
+    // Released by a process that does not hold it: nothing to say (the next announcement
+    // heard is r0's). By its owner (a server stopping): queued again, and announced.
+    first.release_lease(&r1, "b").await.unwrap();
     first
-        .release_lease(&RunId::parse("r1").unwrap(), "a")
+        .announce_queued(&RunId::parse("r0").unwrap())
         .await
         .unwrap();
+    assert_eq!(next(&mut queued).await, "r0");
+    first.release_lease(&r1, "a").await.unwrap();
     assert_eq!(next(&mut queued).await, "r1");
     // SQLite has no other process to tell.
     let Some((_sqlite, embedded)) = fresh(Backend::Sqlite).await else {
         return;
     };
+    embedded.announce_queued(&r1).await.unwrap();
     assert!(embedded.listen_for_queued_runs().await.unwrap().is_none());
 }
 
